@@ -1,0 +1,149 @@
+"""The `leanseek` command: one entry point, a subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .model.config import ModelConfig, human
+from .model.presets import PRESETS
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def resolve_config(name: str) -> ModelConfig:
+    """A preset name, or a folder / config.json path."""
+    if name in PRESETS:
+        return ModelConfig.preset(name)
+    from .model.hf import read_config
+
+    path = Path(name)
+    return read_config(path.parent if path.name == "config.json" else path)
+
+
+def cmd_presets(args) -> None:
+    rows = []
+    for name in PRESETS:
+        cfg = ModelConfig.preset(name)
+        pc, kv = cfg.param_counts(), cfg.kv_cache_values_per_token()
+        rows.append([name, human(pc.total), human(pc.active), human(pc.mtp),
+                     f"{cfg.flops_per_token(args.seq_len) / 1e9:.3g}", f"{kv['mla'] * 2 / 1024:.1f}",
+                     f"{kv['mha'] * 2 / 1024:.1f}"])
+    print(table(rows, ["preset", "total", "active", "MTP", f"GFLOP/token@{args.seq_len}", "KV KiB/token (MLA)",
+                       "(MHA)"]))
+    print("\nGFLOP/token: training (forward + backward), MTP included. KV cache in bf16: MLA caches "
+          "kv_lora_rank + qk_rope_head_dim per layer; MHA would cache full keys and values for every head.")
+
+
+def cmd_info(args) -> None:
+    cfg = resolve_config(args.model)
+    pc, kv = cfg.param_counts(), cfg.kv_cache_values_per_token()
+    rows = [["model type", cfg.model_type],
+            ["layers (dense + MoE)", f"{cfg.num_hidden_layers} ({cfg.first_k_dense_replace} + "
+                                     f"{cfg.num_hidden_layers - cfg.first_k_dense_replace})"],
+            ["hidden / heads", f"{cfg.hidden_size} / {cfg.num_attention_heads}"],
+            ["MLA ranks (q, kv) / head dims (nope, rope, v)",
+             f"{cfg.q_lora_rank}, {cfg.kv_lora_rank} / {cfg.qk_nope_head_dim}, {cfg.qk_rope_head_dim}, "
+             f"{cfg.v_head_dim}"],
+            ["experts (routed, shared, active)",
+             f"{cfg.n_routed_experts}, {cfg.n_shared_experts}, {cfg.num_experts_per_tok}"],
+            ["routing", f"{cfg.scoring_func} / {cfg.topk_method}, {cfg.topk_group} of {cfg.n_group} groups"],
+            ["parameters: total", f"{pc.total:,} ({human(pc.total)})"],
+            ["parameters: active per token", f"{pc.active:,} ({human(pc.active)})"],
+            ["parameters: MTP modules", f"{pc.mtp:,} ({human(pc.mtp)})"],
+            [f"training FLOPs per token at {args.seq_len}", f"{cfg.flops_per_token(args.seq_len):.4g}"],
+            ["KV cache values per token: MLA / MHA", f"{kv['mla']:,} / {kv['mha']:,} "
+                                                     f"({kv['mla'] / kv['mha']:.1%})"]]
+    print(table(rows, [args.model, ""]))
+
+
+def cmd_init(args) -> None:
+    import torch
+
+    from . import Transformer, save_hf
+
+    torch.manual_seed(args.seed)
+    cfg = ModelConfig.preset(args.preset)
+    t0 = time.perf_counter()
+    path = save_hf(Transformer(cfg), args.out, dtype=getattr(torch, args.dtype))
+    print(f"wrote a randomly initialised {args.preset} model ({human(cfg.param_counts().total)} parameters) "
+          f"to {path} in {time.perf_counter() - t0:.1f}s")
+
+
+def cmd_check(args) -> None:
+    """Load a checkpoint with leanseek, run a forward pass and, when transformers is installed, compare logits."""
+    import torch
+
+    from . import load_hf
+
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model = load_hf(args.model)
+    print(f"loaded {args.model}: {model.cfg.model_type}, {human(model.cfg.param_counts().total)} parameters "
+          f"({time.perf_counter() - t0:.2f}s)")
+    ids = torch.randint(0, model.cfg.vocab_size, (args.batch, args.seq_len))
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        ours = model(ids)
+        dt = time.perf_counter() - t0
+    print(f"forward {args.batch} x {args.seq_len}: {dt * 1e3:.1f} ms ({ids.numel() / dt:,.0f} tokens/s), "
+          f"logits {tuple(ours.shape)}, finite: {bool(ours.isfinite().all())}")
+    try:
+        import transformers
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        print("transformers is not installed: skipped the parity check")
+        return
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    theirs = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="eager", dtype=torch.float32)
+    with torch.no_grad():
+        diff = (theirs.eval()(ids).logits - ours).abs().max().item()
+    verdict = "OK" if diff < 1e-4 else "MISMATCH"
+    print(f"transformers {transformers.__version__} {type(theirs).__name__}: max |logit difference| "
+          f"{diff:.2e} ({verdict})")
+    if verdict != "OK":
+        sys.exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="leanseek", description="DeepSeek-V3-style models, trained and served cheaply.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("presets", help="parameters, FLOPs and KV-cache size of every preset")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.set_defaults(run=cmd_presets)
+
+    p = sub.add_parser("info", help="shape and accounting of a preset, a model folder or a config.json")
+    p.add_argument("model", help="preset name, model folder or config.json")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.set_defaults(run=cmd_info)
+
+    p = sub.add_parser("init", help="write a randomly initialised model as a Hugging Face folder")
+    p.add_argument("--preset", default="tiny", choices=[n for n in PRESETS if n in ("tiny", "small")])
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.set_defaults(run=cmd_init)
+
+    p = sub.add_parser("check", help="load a Hugging Face folder, run it, and compare with transformers")
+    p.add_argument("model", help="a DeepseekV3/V2ForCausalLM folder (config.json + safetensors)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.set_defaults(run=cmd_check)
+
+    args = ap.parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError) as e:  # ConfigError and CheckpointError are ValueErrors
+        ap.exit(2, f"leanseek {args.command}: error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

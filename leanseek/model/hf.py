@@ -1,0 +1,253 @@
+"""Hugging Face checkpoint interchange: `load_hf` reads a DeepseekV3/V2ForCausalLM folder, `save_hf` writes one.
+
+On disk (transformers' save_pretrained, DeepSeek's releases, vLLM and SGLang agree on it): config.json in DeepSeek's
+own form, safetensors under `model.`-prefixed names, one tensor set per routed expert, and MTP module k stored as
+decoder layer num_hidden_layers + k with its own copies of the embedding and output head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ConfigError, ModelConfig
+from .transformer import Transformer
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder does not hold what its config.json describes; the message names the tensors or file."""
+
+
+# ---------------------------------------------------------------------------------------------- name mapping
+
+def _hf_prefix(key: str, cfg: ModelConfig) -> tuple[str, str]:
+    """Split a leanseek state-dict key into (HF prefix, rest), e.g. 'mtp.0.block.mlp.gate.weight' ->
+    ('model.layers.61.', 'mlp.gate.weight')."""
+    if m := re.fullmatch(r"layers\.(\d+)\.(.+)", key):
+        return f"model.layers.{m[1]}.", m[2]
+    if m := re.fullmatch(r"mtp\.(\d+)\.(.+)", key):
+        rest = m[2].removeprefix("block.").replace("shared_head_norm.", "shared_head.norm.")
+        return f"model.layers.{cfg.num_hidden_layers + int(m[1])}.", rest
+    if key == "lm_head.weight":
+        return "", key
+    return "model.", key
+
+
+def _tensor_plan(model: Transformer) -> Iterator[tuple[str, list[str], Callable, Callable]]:
+    """For each leanseek tensor: (key, HF names, split(tensor) -> HF tensors, join(HF tensors) -> tensor)."""
+    cfg = model.cfg
+    E, Ie = cfg.n_routed_experts, cfg.moe_intermediate_size
+    for key in model.state_dict():
+        if key == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        prefix, rest = _hf_prefix(key, cfg)
+        if rest.endswith("mlp.experts.gate_up_proj"):
+            base = prefix + rest.removesuffix("gate_up_proj")
+            names = [f"{base}{j}.{p}_proj.weight" for j in range(E) for p in ("gate", "up")]
+            yield (key, names, lambda t: [half for j in range(E) for half in (t[j, :Ie], t[j, Ie:])],
+                   lambda ts: torch.stack([torch.cat(ts[2 * j:2 * j + 2]) for j in range(E)]))
+        elif rest.endswith("mlp.experts.down_proj"):
+            base = prefix + rest.removesuffix("down_proj")
+            yield key, [f"{base}{j}.down_proj.weight" for j in range(E)], list, torch.stack
+        else:
+            yield key, [prefix + rest], lambda t: [t], lambda ts: ts[0]
+    # each MTP layer also carries copies of the shared embedding and head (vLLM and SGLang read them)
+    for k in range(cfg.num_nextn_predict_layers):
+        prefix = f"model.layers.{cfg.num_hidden_layers + k}."
+        yield "embed_tokens.weight", [prefix + "embed_tokens.weight"], lambda t: [t], None
+        yield "lm_head.weight", [prefix + "shared_head.head.weight"], lambda t: [t], None
+
+
+# ---------------------------------------------------------------------------------------------- save
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMG]?)B?\s*", size.upper())
+    if not m:
+        raise ValueError(f"max_shard_size={size!r}: expected bytes or a size such as '5GB'")
+    return int(float(m[1]) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m[2]])
+
+
+def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_hf(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None,
+            max_shard_size: int | str = "5GB") -> Path:
+    """Write `model` as a Hugging Face DeepseekV3ForCausalLM (or V2) folder that transformers, vLLM and SGLang load.
+
+    Every file is written to a temporary name and renamed into place; stale shards of an earlier save are removed.
+    dtype: cast floating weights (the routing bias stays float32). Returns the folder."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    # (HF name, leanseek key, split, part index, bytes); tensors are materialised shard by shard
+    entries = []
+    for key, names, split, _ in _tensor_plan(model):
+        t = state[key]
+        itemsize = 4 if key.endswith("e_score_correction_bias") else (dtype or t.dtype).itemsize
+        entries += [(name, key, split, i, t.numel() // len(names) * itemsize) for i, name in enumerate(names)]
+
+    def tensor(key: str, split: Callable, i: int) -> torch.Tensor:
+        t = split(state[key].detach())[i]
+        if key.endswith("e_score_correction_bias"):
+            t = t.float()
+        elif dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        return t.to("cpu").contiguous().clone()  # clone: safetensors refuses tensors that share storage
+
+    limit = _parse_size(max_shard_size)
+    shards: list[list[tuple]] = [[]]
+    size = 0
+    for entry in entries:
+        if shards[-1] and size + entry[-1] > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry[-1]
+    files = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                                               for i in range(len(shards))]
+    weight_map, total = {}, 0
+    for file, shard in zip(files, shards):
+        tensors = {name: tensor(key, split, i) for name, key, split, i, _ in shard}
+        _write_atomic(path / file, lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
+        for name, t in tensors.items():
+            weight_map[name] = file
+            total += t.numel() * t.element_size()
+    if len(files) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _write_atomic(path / INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
+    else:
+        (path / INDEX).unlink(missing_ok=True)
+    for stale in path.glob("model*.safetensors"):
+        if stale.name not in files:
+            stale.unlink()
+    config = model.cfg.to_hf()
+    config["torch_dtype"] = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
+    _write_atomic(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    """ModelConfig from a checkpoint folder's config.json."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{file} not found: a Hugging Face model folder needs a config.json")
+    try:
+        hf = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    try:
+        return ModelConfig.from_hf(hf)
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def _open_shards(path: Path) -> dict[str, object]:
+    """HF name -> an open (memory-mapped) safetensors handle holding it."""
+    if (path / INDEX).is_file():
+        weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        other = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf")]
+        hint = f" (found {', '.join(other)}: leanseek never unpickles checkpoints)" if other else ""
+        raise CheckpointError(f"{path} holds no .safetensors weights{hint}")
+    handles = {}
+    for file in files:
+        if not (path / file).is_file():
+            raise CheckpointError(f"{path / file} is listed in {INDEX} but missing")
+        f = safe_open(str(path / file), framework="pt")
+        for name in f.keys():
+            handles[name] = f
+    return handles
+
+
+def _read(handles: dict, name: str, block: tuple[int, int]) -> torch.Tensor:
+    t = handles[name].get_tensor(name)
+    scale_name = name + "_scale_inv"
+    if scale_name in handles:  # DeepSeek's FP8 release: 128x128 blocks, each with its own inverse scale
+        scale = handles[scale_name].get_tensor(scale_name).float()
+        rows, cols = t.shape
+        scale = scale.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+        t = t.float() * scale
+    return t
+
+
+def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+            device: torch.device | str = "cpu") -> Transformer:
+    """Load a Hugging Face DeepseekV3ForCausalLM / DeepseekV2ForCausalLM folder (config.json + safetensors).
+
+    Tensors are read one at a time from memory-mapped files into a model built without allocating weights.
+    FP8 block-quantised weights (DeepSeek's release format) are dequantised. Raises CheckpointError naming
+    missing, unexpected or wrongly shaped tensors."""
+    path = Path(path)
+    cfg = read_config(path)
+    handles = _open_shards(path)
+    mtp_probe = f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight"
+    if cfg.num_nextn_predict_layers and mtp_probe not in handles:
+        # transformers writes num_nextn_predict_layers=1 by default, with no MTP weights behind it
+        warnings.warn(f"{path}: config.json has num_nextn_predict_layers={cfg.num_nextn_predict_layers} but no "
+                      f"MTP weights ({mtp_probe}); loading without MTP", stacklevel=2)
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = model.state_dict()
+    plan = list(_tensor_plan(model))
+    expected: dict[str, tuple[int, ...]] = {}
+    for key, names, split, _ in plan:
+        for name, part in zip(names, split(state[key])):
+            expected[name] = tuple(part.shape)
+    optional = {n for key, names, _, join in plan if join is None for n in names}  # MTP copies of embed/head
+    ignorable = re.compile(r".*(_scale_inv|rotary_emb\.inv_freq)$")
+    missing = [n for n in expected if n not in handles and n not in optional]
+    # (transformers builds a zero-width shared expert when n_shared_experts=0, and saves it)
+    unexpected = [n for n in handles if n not in expected and not ignorable.fullmatch(n)
+                  and 0 not in handles[n].get_slice(n).get_shape()]
+    wrong = [f"{n} {tuple(handles[n].get_slice(n).get_shape())} (expected {shape})"
+             for n, shape in expected.items() if n in handles
+             and tuple(handles[n].get_slice(n).get_shape()) != shape]
+    if missing or unexpected or wrong:
+        def listing(label: str, items: list[str]) -> str:
+            more = f" ... and {len(items) - 8} more" if len(items) > 8 else ""
+            return f"\n  {label} ({len(items)}): {', '.join(items[:8])}{more}" if items else ""
+        raise CheckpointError(f"{path} does not match its config.json (model_type {cfg.model_type}):"
+                              + listing("missing", missing) + listing("unexpected", unexpected)
+                              + listing("wrong shape", wrong))
+    quant = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    block = tuple(quant.get("weight_block_size", (128, 128)))
+    loaded = {}
+    for key, names, _, join in plan:
+        if join is None:
+            continue
+        parts = [_read(handles, n, block) for n in names]
+        t = join(parts) if len(parts) > 1 else parts[0]
+        loaded[key] = t.to(device=device, dtype=torch.float32 if key.endswith("e_score_correction_bias") else dtype)
+    if cfg.tie_word_embeddings:
+        loaded["lm_head.weight"] = loaded["embed_tokens.weight"]
+    model.load_state_dict(loaded, strict=True, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rotary.reset(device)
+    return model.eval()
+

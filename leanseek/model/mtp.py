@@ -1,0 +1,30 @@
+"""Multi-Token Prediction, V3 report section 2.2, Eqs. 21-25.
+
+Module k predicts token i+k+1 from the depth-(k-1) representation of token i and the embedding of token i+k,
+through its own decoder block. The embedding and output head are the main model's.
+"""
+
+import torch
+from torch import nn
+
+from .block import Block
+from .config import ModelConfig
+from .moe import Routing
+from .norm import RMSNorm
+
+
+class MTPModule(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.enorm = RMSNorm(d, cfg.rms_norm_eps)  # on the embedding of token i+k
+        self.hnorm = RMSNorm(d, cfg.rms_norm_eps)  # on the previous depth's hidden state
+        # M_k of Eq. 21. Checkpoints (vLLM, transformers' MtpLayer) concatenate [embedding; hidden], in that order.
+        self.eh_proj = nn.Linear(2 * d, d, bias=False)
+        self.block = Block(cfg, moe=True)  # TRM_k (Eq. 22); always MoE, as in DeepSeek-V3
+        self.shared_head_norm = RMSNorm(d, cfg.rms_norm_eps)  # applied before the shared output head (Eq. 23)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        """h [B, T', d] (depth k-1 at positions i), emb [B, T', d] (tokens i+k) -> h^k [B, T', d], routing."""
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
+        return self.block(x, rope)

@@ -1,0 +1,56 @@
+"""Presets as data: Hugging Face DeepseekV3Config fields. Unlisted fields take ModelConfig's defaults (DeepSeek-V3's)."""
+
+_YARN_V3 = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+PRESETS: dict[str, dict] = {
+    # ~5.7M parameters: the CPU default. V3's shape rules scaled down: q-LoRA, MLA latent and decoupled RoPE key,
+    # a dense first layer as wide as the active experts ((1 shared + 2 routed) x 128, as V3's 18432 = 9 x 2048),
+    # then DeepSeekMoE, and one MTP module.
+    "tiny": dict(
+        vocab_size=4096, hidden_size=256, intermediate_size=384, moe_intermediate_size=128,
+        num_hidden_layers=4, num_attention_heads=4, q_lora_rank=128, kv_lora_rank=64,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
+        first_k_dense_replace=1, routed_scaling_factor=1.0, max_position_embeddings=1024,
+        num_nextn_predict_layers=1,
+    ),
+    # ~80M parameters: one GPU.
+    "small": dict(
+        vocab_size=32768, hidden_size=512, intermediate_size=1536, moe_intermediate_size=256,
+        num_hidden_layers=8, num_attention_heads=8, q_lora_rank=256, kv_lora_rank=128,
+        qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+        n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
+        first_k_dense_replace=1, routed_scaling_factor=1.0, max_position_embeddings=2048,
+        num_nextn_predict_layers=1,
+    ),
+    # DeepSeek-V3 / R1 (671B total, 37B active): inference/configs/config_671B.json and the HF config.json.
+    "deepseek-v3": dict(
+        rope_scaling=_YARN_V3, max_position_embeddings=163840, num_nextn_predict_layers=1,
+    ),
+    # DeepSeek-V2-Lite (15.7B total, 2.4B active): softmax routing, no query compression.
+    "deepseek-v2-lite": dict(
+        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+        num_hidden_layers=27, num_attention_heads=16, q_lora_rank=None,
+        n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1,
+        first_k_dense_replace=1, routed_scaling_factor=1.0, norm_topk_prob=False,
+        scoring_func="softmax", topk_method="greedy", max_position_embeddings=163840,
+        rope_scaling={**_YARN_V3, "mscale": 0.707, "mscale_all_dim": 0.707},
+        bos_token_id=100000, eos_token_id=100001,
+    ),
+    # Moonshot's Moonlight-16B-A3B: the V3 architecture at V2-Lite scale, no YaRN.
+    "moonlight-16b-a3b": dict(
+        vocab_size=163840, hidden_size=2048, intermediate_size=11264, moe_intermediate_size=1408,
+        num_hidden_layers=27, num_attention_heads=16, q_lora_rank=None,
+        n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1,
+        first_k_dense_replace=1, routed_scaling_factor=2.446, rope_theta=50000.0,
+        max_position_embeddings=8192, rms_norm_eps=1e-5, bos_token_id=163584, eos_token_id=163586,
+    ),
+    # Moonshot's Kimi-K2 (1T total, 32B active): V3 with 64 heads and 384 experts.
+    "kimi-k2": dict(
+        vocab_size=163840, num_attention_heads=64, n_routed_experts=384, n_group=1, topk_group=1,
+        first_k_dense_replace=1, routed_scaling_factor=2.827, rope_theta=50000.0,
+        rope_scaling={**_YARN_V3, "factor": 32.0, "beta_fast": 1.0, "beta_slow": 1.0},
+        max_position_embeddings=131072, bos_token_id=163584, eos_token_id=163585,
+    ),
+}

@@ -1,0 +1,96 @@
+"""The DeepSeek-V3 language model: embedding, decoder blocks, final norm, output head, and the MTP modules."""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .block import Block
+from .config import ModelConfig
+from .moe import MoE, Router, Routing
+from .mtp import MTPModule
+from .norm import RMSNorm
+from .rope import Rotary
+
+
+@dataclass
+class TrainOutput:
+    """Hidden states ready for the shared output head (logits = lm_head(hidden)); the loss computes the logits in
+    chunks, so they are never held whole."""
+
+    hidden: torch.Tensor  # [B, T, d] final-normed: position i predicts token i+1
+    mtp_hidden: list[torch.Tensor] = field(default_factory=list)  # depth k: [B, T-k, d], position i predicts i+k+1
+    routing: list[Routing] = field(default_factory=list)  # per router, in Transformer.routers() order
+
+
+class Transformer(nn.Module):
+    """A DeepSeek-V3 (or V2) causal language model.
+
+    Module names follow transformers' DeepseekV3ForCausalLM, less its `model.` prefix, so state-dict keys map to
+    checkpoint names directly (routed experts are stacked here and split per expert on disk)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.num_nextn_predict_layers))
+        self.rotary = Rotary(cfg)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, initializer_range) for every matrix, ones for norms, zeros for the routing bias."""
+        std = self.cfg.initializer_range
+        for name, p in self.named_parameters():
+            if p.device.type == "meta":
+                continue
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+        for r in self.routers():
+            if r.e_score_correction_bias is not None:
+                r.e_score_correction_bias.zero_()
+
+    def routers(self) -> list[Router]:
+        """Every MoE router: main layers first, then the MTP modules'."""
+        blocks = list(self.layers) + [m.block for m in self.mtp]
+        return [b.mlp.gate for b in blocks if isinstance(b.mlp, MoE)]
+
+    def hidden(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[Routing], torch.Tensor]:
+        """input_ids [B, T] -> final-normed hidden states [B, T, d], the routing of each MoE layer, and the RoPE
+        rotations [T, dr/2] of positions 0..T-1."""
+        x = self.embed_tokens(input_ids)
+        rope = self.rotary(torch.arange(input_ids.shape[1], device=input_ids.device))
+        routing = []
+        for layer in self.layers:
+            x, r = layer(x, rope)
+            if r is not None:
+                routing.append(r)
+        return self.norm(x), routing, rope
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab_size] (the main head only)."""
+        h, _, _ = self.hidden(input_ids)
+        return self.lm_head(h)
+
+    def forward_train(self, input_ids: torch.Tensor, mtp: bool = True) -> TrainOutput:
+        """Main hidden states plus, when mtp, each MTP depth's (Eqs. 21-23), and every router's decision."""
+        h, routing, rope = self.hidden(input_ids)
+        out = TrainOutput(h, routing=routing)
+        if not mtp:
+            return out
+        T = input_ids.shape[1]
+        for k, module in enumerate(self.mtp, start=1):
+            if T - k <= 0:
+                break
+            # depth k pairs the depth-(k-1) state at position i with the embedding of token i+k
+            h, r = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), rope[: T - k])
+            out.mtp_hidden.append(module.shared_head_norm(h))
+            out.routing.append(r)
+        return out

@@ -1,0 +1,108 @@
+"""The DeepSeek-V3 training objective: next-token cross-entropy + lambda * MTP loss (Eq. 25) + alpha * balance loss."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..model.transformer import Transformer
+from .balance import expert_load, sequence_balance_loss
+
+IGNORE_INDEX = -100
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in float32 over targets != -100. logits [..., V], targets [...]."""
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """mean CE(h W^T, targets), computed a chunk of tokens at a time, never holding the [N, V] logits.
+
+    The gradients are formed chunk by chunk during the forward (softmax - onehot is at hand there), so the
+    backward only scales them. One reused [chunk, V] float32 buffer replaces the logits and their gradient."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        device = h.device.type
+        # run the matmuls in the autocast dtype if autocast is on (this function turns it off for its body)
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        with torch.autocast(device, enabled=False):
+            return _LinearCrossEntropy._run(ctx, h.to(dtype), h.dtype, weight, targets, chunk, dtype)
+
+    @staticmethod
+    def _run(ctx, h, h_dtype, weight, targets, chunk, dtype):
+        w = weight.to(dtype)
+        valid = targets != IGNORE_INDEX
+        n = valid.sum().clamp_min(1)
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h, dtype=h_dtype) if want_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad else None
+        buf = torch.empty(min(chunk, h.shape[0]), weight.shape[0], dtype=torch.float32, device=h.device)
+        total = h.new_zeros((), dtype=torch.float32)
+        for s in range(0, h.shape[0], chunk):
+            hc, tc, mc = h[s:s + chunk], targets[s:s + chunk].clamp_min(0), valid[s:s + chunk]
+            logits = buf[:len(hc)]
+            if dtype == torch.float32:
+                torch.mm(hc, w.t(), out=logits)
+            else:
+                logits.copy_(hc @ w.t())
+            target_logit = logits.gather(1, tc[:, None])[:, 0]
+            peak = logits.amax(-1, keepdim=True)
+            probs = logits.sub_(peak).exp_()  # in place: no [chunk, V] temporaries
+            norm = probs.sum(-1, keepdim=True)
+            total += ((norm.log() + peak).squeeze(1) - target_logit).mul_(mc).sum()
+            if want_grad:
+                g = probs.mul_((mc / n)[:, None] / norm)  # softmax / n on valid rows, then minus one-hot / n
+                g[torch.arange(len(tc), device=g.device), tc] -= mc / n
+                if dtype == torch.float32:
+                    torch.mm(g, w, out=grad_h[s:s + chunk])
+                    grad_w.addmm_(g.t(), hc)
+                else:
+                    g = g.to(dtype)
+                    grad_h[s:s + chunk] = g @ w
+                    grad_w += (g.t() @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if want_grad else None)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out, grad_w * grad_out, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_elems: int = 2**21) -> torch.Tensor:
+    """cross_entropy(h @ weight.T, targets) without materialising the logits. h [..., d], weight [V, d]."""
+    chunk = max(16, chunk_elems // weight.shape[0])
+    return _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), chunk)
+
+
+@dataclass
+class LossTerms:
+    loss: torch.Tensor  # what to backpropagate
+    ce: torch.Tensor  # main next-token loss
+    mtp: torch.Tensor  # mean over depths of the MTP losses (before lambda)
+    balance: torch.Tensor  # sequence-wise balance loss summed over routers (before alpha)
+    load: torch.Tensor  # [n_routers, E] tokens per expert in this batch (for the bias update and MaxVio)
+
+
+def training_loss(model: Transformer, input_ids: torch.Tensor, targets: torch.Tensor, mtp_weight: float = 0.3,
+                  balance_weight: float = 1e-4) -> LossTerms:
+    """L = L_main + mtp_weight * (1/D) sum_k L^k_MTP (Eqs. 24-25) + balance_weight * sum_layers L_Bal (Eq. 17).
+
+    input_ids, targets: [B, T], targets[:, i] being the token after input_ids[:, i] (-100 to ignore).
+    MTP depth k predicts targets[:, i + k] from position i."""
+    out = model.forward_train(input_ids, mtp=mtp_weight > 0)
+    head = model.lm_head.weight
+    ce = linear_cross_entropy(out.hidden, head, targets)
+    zero = ce.new_zeros(())
+    mtp = (sum(linear_cross_entropy(h, head, targets[:, k:]) for k, h in enumerate(out.mtp_hidden, start=1))
+           / len(out.mtp_hidden)) if out.mtp_hidden else zero
+    cfg, B = model.cfg, input_ids.shape[0]
+    balance = (sum(sequence_balance_loss(r, B, cfg.num_experts_per_tok) for r in out.routing)
+               if balance_weight > 0 and out.routing else zero)
+    load = (expert_load(out.routing, cfg.n_routed_experts) if out.routing
+            else torch.zeros(0, cfg.n_routed_experts))
+    return LossTerms(ce + mtp_weight * mtp + balance_weight * balance, ce.detach(), mtp.detach(),
+                     balance.detach(), load)

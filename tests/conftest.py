@@ -1,0 +1,58 @@
+import os
+import random
+import warnings
+
+import pytest
+import torch
+
+import leanseek
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def small_config(**overrides) -> leanseek.ModelConfig:
+    """The spec's smallest valid V3 shape (dv != dn, dr != dn, so shape mix-ups fail loudly)."""
+    fields = dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                  num_hidden_layers=3, num_attention_heads=4, q_lora_rank=24, kv_lora_rank=16,
+                  qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=12, n_routed_experts=8, n_shared_experts=1,
+                  num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+                  max_position_embeddings=256, routed_scaling_factor=2.5)
+    fields.update(overrides)
+    return leanseek.ModelConfig(**fields)
+
+
+def randomise(model: leanseek.Transformer, seed: int = 0, bias_low: float = 0.0) -> leanseek.Transformer:
+    """Random weights everywhere, including the norms (initialised to 1) and the routing bias (initialised to 0),
+    so that norm and bias bugs cannot hide."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        for r in model.routers():
+            if r.e_score_correction_bias is None:
+                continue
+            r.e_score_correction_bias.copy_(torch.rand(r.e_score_correction_bias.shape, generator=g) * 0.5
+                                            + bias_low)
+    return model.eval()
+
+
+def yarn(factor=4.0, original=32, mscale=1.0):
+    return {"type": "yarn", "factor": factor, "original_max_position_embeddings": original,
+            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": mscale, "mscale_all_dim": mscale}
+
+
+@pytest.fixture
+def quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.fixture
+def rng():
+    return random.Random(0)
