@@ -71,7 +71,8 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, T, H, dr)], dim=-1)  # Eq. 4: [k^C; k^R]
         # CPU and GPU fused kernels want equal q/k and v head sizes: zero-pad the smaller (scores are unchanged)
         width = max(dn + dr, dv)
-        q, k, v = (F.pad(t, (0, width - t.shape[-1])).transpose(1, 2) for t in (q, k, v))
+        q, k, v = ((F.pad(t, (0, width - t.shape[-1])) if t.shape[-1] < width else t).transpose(1, 2)
+                   for t in (q, k, v))
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # Eq. 10
         return self.o_proj(o[..., :dv].transpose(1, 2).flatten(2))
 
