@@ -16,7 +16,7 @@ from .config import ModelConfig, yarn_mscale
 def yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies [qk_rope_head_dim/2], YaRN-blended when rope_scaling is set (V3 report section 4.3)."""
     dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
     rs = cfg.rope_scaling
     if rs is None:
         return inv_freq
@@ -28,7 +28,7 @@ def yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     high = min(math.ceil(correction_dim(rs["beta_slow"])), dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     # high-frequency dims (ramp 0) keep their frequency; low-frequency dims are interpolated by the factor
     return inv_freq / rs["factor"] * ramp + inv_freq * (1 - ramp)
 
@@ -47,7 +47,8 @@ class Rotary(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.register_buffer("inv_freq", yarn_inv_freq(cfg), persistent=False)
+        # computed on the CPU, then moved to the ambient default device (a torch.device(...) context, meta included)
+        self.register_buffer("inv_freq", yarn_inv_freq(cfg).to(torch.empty(0).device), persistent=False)
 
     def reset(self, device: torch.device | str | None = None) -> None:
         """Recompute the buffer, e.g. after the model was built on the meta device."""
