@@ -1,5 +1,6 @@
 import pytest
 
+from leanseek import ModelConfig
 from leanseek.cli import main
 
 
@@ -17,7 +18,7 @@ def test_init_then_check_against_transformers(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "finite: True" in out and "(OK)" in out
     main(["info", str(tmp_path / "m" / "config.json")])
-    assert "5,563,392" in capsys.readouterr().out
+    assert f"{ModelConfig.preset('tiny').param_counts().total:,}" in capsys.readouterr().out
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):

@@ -94,11 +94,16 @@ class _GroupedSwiGLU(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, w_gate_up, w_down, weights, token, pre = ctx.saved_tensors
         Ie = w_down.shape[-1]
-        grad_x, grad_gu, grad_down = torch.zeros_like(x), torch.zeros_like(w_gate_up), torch.zeros_like(w_down)
+        grad_x = torch.zeros_like(x)
+        # every expert's slice is overwritten below; only idle experts need zeros
+        grad_gu, grad_down = torch.empty_like(w_gate_up), torch.empty_like(w_down)
         grad_w = torch.empty_like(weights)
+        g_pre = pre.new_empty(pre.shape)
         start = 0
         for e, n in enumerate(ctx.counts):
             if not n:
+                grad_gu[e].zero_()
+                grad_down[e].zero_()
                 continue
             te, rows = token[start:start + n], slice(start, start + n)
             gate, up, g = pre[rows, :Ie], pre[rows, Ie:], weights[rows, None]
@@ -108,12 +113,14 @@ class _GroupedSwiGLU(torch.autograd.Function):
             gy = grad_out.index_select(0, te)
             torch.mm(gy.t(), act * g, out=grad_down[e])
             g_act = gy @ w_down[e]
-            grad_w[rows] = (g_act * act).sum(-1)
+            grad_w[rows] = torch.linalg.vecdot(g_act, act)
             g_act.mul_(g)
-            g_pre = torch.cat([g_act * up * sig * (1 + gate * (1 - sig)), g_act * silu], dim=1)
+            torch.mul(g_act, silu, out=g_pre[rows, Ie:])
+            # d silu(z)/dz = sigmoid(z) + silu(z) (1 - sigmoid(z)), computed in place
+            torch.mul(g_act, up, out=g_pre[rows, :Ie]).mul_(torch.rsub(sig, 1).mul_(silu).add_(sig))
             xe = x.index_select(0, te)
-            torch.mm(g_pre.t(), xe, out=grad_gu[e])
-            grad_x.index_add_(0, te, g_pre @ w_gate_up[e])
+            torch.mm(g_pre[rows].t(), xe, out=grad_gu[e])
+            grad_x.index_add_(0, te, g_pre[rows] @ w_gate_up[e])
             start += n
         return grad_x, grad_gu, grad_down, grad_w, None, None
 

@@ -4,23 +4,24 @@ _YARN_V3 = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 
             "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
 
 PRESETS: dict[str, dict] = {
-    # ~5.7M parameters: the CPU default. V3's shape rules scaled down: q-LoRA, MLA latent and decoupled RoPE key,
-    # a dense first layer as wide as the active experts ((1 shared + 2 routed) x 128, as V3's 18432 = 9 x 2048),
-    # then DeepSeekMoE, and one MTP module.
+    # ~5.4M parameters: the CPU default. V3's shape rules scaled down: q-LoRA, MLA latent and decoupled RoPE key;
+    # fine-grained experts a quarter of the hidden size wide (V3: 2048 / 7168), top-4 of 16 within the best 2 of
+    # 4 groups, plus a shared expert; a dense first layer as wide as the active experts ((1 + 4) x 64, as V3's
+    # 18432 = 9 x 2048); one MTP module.
     "tiny": dict(
-        vocab_size=4096, hidden_size=256, intermediate_size=384, moe_intermediate_size=128,
+        vocab_size=4096, hidden_size=256, intermediate_size=320, moe_intermediate_size=64,
         num_hidden_layers=4, num_attention_heads=4, q_lora_rank=128, kv_lora_rank=64,
         qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
+        n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
         first_k_dense_replace=1, routed_scaling_factor=1.0, max_position_embeddings=1024,
         num_nextn_predict_layers=1,
     ),
-    # ~80M parameters: one GPU.
+    # ~85M parameters: one GPU. The same proportions as tiny.
     "small": dict(
-        vocab_size=32768, hidden_size=512, intermediate_size=1536, moe_intermediate_size=256,
+        vocab_size=32768, hidden_size=512, intermediate_size=640, moe_intermediate_size=128,
         num_hidden_layers=8, num_attention_heads=8, q_lora_rank=256, kv_lora_rank=128,
         qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
-        n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
+        n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
         first_k_dense_replace=1, routed_scaling_factor=1.0, max_position_embeddings=2048,
         num_nextn_predict_layers=1,
     ),
