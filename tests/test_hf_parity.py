@@ -84,3 +84,36 @@ def test_group_limiting_matters(tmp_path, quiet):
 def test_transformers_version_pinned():
     major, minor = map(int, transformers.__version__.split(".")[:2])
     assert (major, minor) >= (5, 8)  # the -inf group mask and MTP layout the spec describes
+
+
+def random_config(rng, v2_style: bool) -> leanseek.ModelConfig:
+    n_group = rng.choice([1, 2, 4])
+    per_group = rng.choice([2, 3, 4])
+    topk_group = rng.randint(1, n_group)
+    fields = dict(
+        vocab_size=rng.choice([50, 64, 97]), hidden_size=rng.choice([32, 48, 64]),
+        intermediate_size=rng.choice([24, 40]), moe_intermediate_size=rng.choice([8, 16]),
+        num_hidden_layers=rng.choice([1, 2, 3]), num_attention_heads=rng.choice([2, 4]),
+        q_lora_rank=rng.choice([None, 16, 40]), kv_lora_rank=rng.choice([8, 16, 24]),
+        qk_nope_head_dim=rng.choice([4, 8, 12]), qk_rope_head_dim=rng.choice([2, 4, 8]),
+        v_head_dim=rng.choice([4, 12, 16]), n_routed_experts=n_group * per_group,
+        n_shared_experts=rng.choice([0, 1, 2]), n_group=n_group, topk_group=topk_group,
+        num_experts_per_tok=rng.randint(1, topk_group * per_group), first_k_dense_replace=rng.choice([0, 1]),
+        routed_scaling_factor=rng.choice([1.0, 2.5]), max_position_embeddings=128,
+        rope_theta=rng.choice([10000.0, 50000.0]),
+        rope_scaling=rng.choice([None, yarn(rng.choice([2.0, 40.0]), 16, rng.choice([1.0, 0.707]))]),
+    )
+    if v2_style:
+        fields.update(scoring_func="softmax", norm_topk_prob=False,
+                      topk_method=rng.choice(["greedy", "group_limited_greedy"]))
+    else:
+        fields.update(norm_topk_prob=rng.choice([True, False]))
+    return leanseek.ModelConfig(**fields)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_configs(seed, tmp_path, quiet):
+    import random
+
+    rng = random.Random(seed)
+    check_both_directions(random_config(rng, v2_style=seed % 3 == 2), tmp_path, seed)
