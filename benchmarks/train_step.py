@@ -34,6 +34,9 @@ def main() -> None:
     import transformers
     from transformers import DeepseekV3ForCausalLM
 
+    transformers.logging.set_verbosity_error()  # its load report lists the MTP layer, which it does not use
+    transformers.logging.disable_progress_bar()
+
     import leanseek
     from leanseek.train import training_loss
 
