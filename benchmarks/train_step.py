@@ -1,7 +1,7 @@
 """One training step (forward, cross-entropy, backward, AdamW) of leanseek against transformers'
 DeepseekV3ForCausalLM on the same weights, measured side by side, alternating, in one run.
 
-    .venv/bin/python benchmarks/train_step.py [--preset tiny] [--batch 8] [--seq 256] [--threads 2] [--repeats 5]
+    .venv/bin/python benchmarks/train_step.py [--preset tiny] [--batch 8] [--seq 256] [--threads 2] [--repeats 9]
 
 Prints the median step time of each and the ratio (transformers time / leanseek time; > 1 means leanseek is faster),
 in float32 and under bf16 autocast.
@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--dtypes", default="float32,bf16-autocast")
     args = ap.parse_args()
