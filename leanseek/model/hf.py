@@ -105,8 +105,12 @@ def save_hf(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | No
         itemsize = 4 if key.endswith("e_score_correction_bias") else (dtype or t.dtype).itemsize
         entries += [(name, key, split, i, t.numel() // len(names) * itemsize) for i, name in enumerate(names)]
 
+    views: dict[str, list[torch.Tensor]] = {}  # split once per tensor (views: no memory)
+
     def tensor(key: str, split: Callable, i: int) -> torch.Tensor:
-        t = split(state[key].detach())[i]
+        if key not in views:
+            views[key] = split(state[key].detach())
+        t = views[key][i]
         if key.endswith("e_score_correction_bias"):
             t = t.float()
         elif dtype is not None and t.is_floating_point():
