@@ -112,6 +112,43 @@ def cmd_check(args) -> None:
         sys.exit(1)
 
 
+def cmd_data(args) -> None:
+    import random
+
+    from .data import TextTokenizer, collect, train_tokenizer, write_shards
+
+    t0 = time.perf_counter()
+    docs, stats = collect(args.source, args.field)
+    chars = sum(s.chars for s in stats)
+    print(f"read {len(docs):,} documents, {chars / 1e6:.1f}M characters, in {time.perf_counter() - t0:.1f}s")
+    if args.tokenizer:
+        tokenizer = TextTokenizer.load(args.tokenizer)
+    else:
+        t0 = time.perf_counter()
+        sample = random.Random(0).sample(docs, len(docs))  # a shuffled sample, so every source is represented
+        budget, picked = args.tokenizer_sample_mb * 1e6, []
+        for doc in sample:
+            picked.append(doc)
+            budget -= len(doc)
+            if budget <= 0:
+                break
+        tokenizer = train_tokenizer(iter(picked), args.vocab_size)
+        print(f"trained a {tokenizer.vocab_size:,}-token byte-level BPE on {sum(map(len, picked)) / 1e6:.1f}M "
+              f"characters in {time.perf_counter() - t0:.1f}s")
+    tokenizer.save(args.out)
+    manifest = write_shards(docs, tokenizer, args.out, stats, args.val_fraction)
+    rows = [[s["name"], f"{s['documents']:,}", f"{s['chars'] / 1e6:.2f}M", f"{s['skipped']:,}"]
+            for s in manifest["sources"]]
+    print(table(rows, ["source", "documents", "characters", "skipped"]))
+    for s in manifest["sources"]:
+        for example in s["skipped_examples"]:
+            print(f"  skipped: {example}")
+    for name, split in manifest["splits"].items():
+        print(f"{name}: {split['documents']:,} documents, {split['tokens']:,} tokens "
+              f"({split['bytes'] / max(split['tokens'], 1):.2f} bytes/token) in {len(split['files'])} file(s)")
+    print(f"wrote {args.out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="leanseek", description="DeepSeek-V3-style models, trained and served cheaply.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -137,6 +174,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=64)
     p.set_defaults(run=cmd_check)
+
+    p = sub.add_parser("data", help="tokenize text sources into training shards (and train the tokenizer)")
+    p.add_argument("--source", nargs="+", required=True,
+                   help="'builtin', 'builtin:NAME', or paths: text/markdown files or folders, .jsonl, .parquet")
+    p.add_argument("--out", required=True)
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--field", default="text", help="the JSONL field / Parquet column holding the text")
+    p.add_argument("--val-fraction", type=float, default=0.01)
+    p.add_argument("--tokenizer", help="reuse the tokenizer in this folder instead of training one")
+    p.add_argument("--tokenizer-sample-mb", type=float, default=20.0,
+                   help="train the tokenizer on a shuffled sample of this many million characters")
+    p.set_defaults(run=cmd_data)
 
     args = ap.parse_args(argv)
     try:
