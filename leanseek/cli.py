@@ -149,6 +149,27 @@ def cmd_data(args) -> None:
     print(f"wrote {args.out}")
 
 
+def cmd_cost(args) -> None:
+    from .train.cost import DEEPSEEK_V3, PEAK_TFLOPS, CostEstimate
+
+    cfg = resolve_config(args.preset)
+    peak = PEAK_TFLOPS[args.device] if args.peak_tflops is None else args.peak_tflops
+    est = CostEstimate.for_run(cfg, args.tokens, args.seq_len, peak, args.mfu, args.price)
+    rows = [["training FLOPs per token", f"{cfg.flops_per_token(args.seq_len):.4g}"],
+            ["total FLOPs", f"{est.flops:.4g}"],
+            ["device peak / MFU", f"{peak:g} TFLOP/s / {args.mfu:.0%}"],
+            ["device-hours", f"{est.device_hours:,.0f}"],
+            ["cost", f"${est.dollars:,.0f} at ${args.price:g} per device-hour"]]
+    print(table(rows, [f"{args.preset}, {args.tokens:.4g} tokens at {args.seq_len}", ""]))
+    if args.preset == "deepseek-v3":
+        ref = DEEPSEEK_V3
+        scale = args.tokens / ref["tokens"]
+        print(f"\nDeepSeek-V3 report, Table 1: pre-training {ref['tokens']:.3g} tokens took "
+              f"{ref['pretrain_gpu_hours'] / 1e6:.3f}M H800 GPU-hours (${ref['pretrain_gpu_hours'] * ref['price'] / 1e6:.3f}M);"
+              f" for {args.tokens:.3g} tokens that is {ref['pretrain_gpu_hours'] * scale / 1e6:.3f}M. "
+              f"This estimate: {est.device_hours / 1e6:.3f}M ({est.device_hours / (ref['pretrain_gpu_hours'] * scale):.2f}x).")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="leanseek", description="DeepSeek-V3-style models, trained and served cheaply.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -186,6 +207,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokenizer-sample-mb", type=float, default=20.0,
                    help="train the tokenizer on a shuffled sample of this many million characters")
     p.set_defaults(run=cmd_data)
+
+    p = sub.add_parser("cost", help="estimate the device-hours and dollars of a training run never made")
+    p.add_argument("--preset", required=True, help="preset name, model folder or config.json")
+    p.add_argument("--tokens", type=float, required=True)
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--device", default="H800", choices=["H800", "H100", "H200", "A100", "B200"],
+                   help="take the peak from this device's dense bf16 datasheet figure")
+    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device (overrides --device)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation achieved, 0-1")
+    p.add_argument("--price", type=float, default=2.0, help="dollars per device-hour")
+    p.set_defaults(run=cmd_cost)
 
     args = ap.parse_args(argv)
     try:
