@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -170,6 +172,15 @@ def cmd_cost(args) -> None:
               f"This estimate: {est.device_hours / 1e6:.3f}M ({est.device_hours / (ref['pretrain_gpu_hours'] * scale):.2f}x).")
 
 
+def cmd_pretrain(args) -> None:
+    from .train.pretrain import run
+
+    line = run(args)
+    if line and int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()}))
+        print(f"checkpoints: {args.out}/checkpoints, newest: {args.out}/latest (a Hugging Face model folder)")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="leanseek", description="DeepSeek-V3-style models, trained and served cheaply.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -207,6 +218,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokenizer-sample-mb", type=float, default=20.0,
                    help="train the tokenizer on a shuffled sample of this many million characters")
     p.set_defaults(run=cmd_data)
+
+    p = sub.add_parser("pretrain", help="train a base model on `leanseek data` shards (resumes; torchrun-ready)")
+    from .train.pretrain import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(run=cmd_pretrain)
 
     p = sub.add_parser("cost", help="estimate the device-hours and dollars of a training run never made")
     p.add_argument("--preset", required=True, help="preset name, model folder or config.json")

@@ -171,12 +171,12 @@ def _open_shards(path: Path) -> dict[str, object]:
     if (path / INDEX).is_file():
         weight_map = json.loads((path / INDEX).read_text())["weight_map"]
         files = sorted(set(weight_map.values()))
+    elif (path / SINGLE).is_file():
+        files = [SINGLE]
     else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
-    if not files:
-        other = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf")]
-        hint = f" (found {', '.join(other)}: leanseek never unpickles checkpoints)" if other else ""
-        raise CheckpointError(f"{path} holds no .safetensors weights{hint}")
+        other = [p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf")]
+        hint = f" (found {', '.join(sorted(other))}; leanseek never unpickles checkpoints)" if other else ""
+        raise CheckpointError(f"{path} holds neither {SINGLE} nor {INDEX}{hint}")
     handles = {}
     for file in files:
         if not (path / file).is_file():

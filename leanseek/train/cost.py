@@ -6,7 +6,10 @@ which pre-training on 14.8T tokens took 2.664M GPU-hours ($5.328M).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
+
+import torch
 
 from ..model.config import ModelConfig
 
@@ -32,3 +35,52 @@ class CostEstimate:
         flops = cfg.flops_per_token(seq_len) * tokens
         hours = flops / (peak_tflops * 1e12 * mfu) / 3600
         return cls(flops, hours, hours * price)
+
+
+def detect_peak_tflops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """The device's peak for `dtype` matmuls, TFLOP/s: a datasheet figure for known GPUs, else measured with a
+    large matmul (on a CPU, this is the best the BLAS library reaches with the threads torch uses)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in PEAK_TFLOPS.items():
+            if key in name:
+                return (peak if dtype == torch.bfloat16 else peak / 2), f"{name} datasheet"
+    n = 2048 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e12, f"measured {n}x{n} {str(dtype).removeprefix('torch.')} matmul"
+
+
+@dataclass
+class Ledger:
+    """Running totals of what a training run cost; carried across resumes in the trainer state."""
+
+    wall_seconds: float = 0.0
+    devices: int = 1
+    tokens: int = 0
+    flops: float = 0.0
+    peak_tflops: float = 0.0
+    price_per_device_hour: float = 0.0
+
+    @property
+    def device_hours(self) -> float:
+        return self.wall_seconds * self.devices / 3600
+
+    @property
+    def mfu(self) -> float:
+        return self.flops / max(self.wall_seconds * self.devices * self.peak_tflops * 1e12, 1e-9)
+
+    @property
+    def dollars(self) -> float:
+        return self.device_hours * self.price_per_device_hour
+
+    def summary(self) -> dict:
+        return {**asdict(self), "device_hours": self.device_hours, "mfu": self.mfu, "dollars": self.dollars}
