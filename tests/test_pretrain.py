@@ -102,14 +102,20 @@ def test_checkpoint_is_a_transformers_model(data_dir, tmp_path, quiet):  # noqa:
         assert (theirs(ids).logits - leanseek.load_hf(latest)(ids)).abs().max() < 1e-4
 
 
-def test_two_process_ddp_matches_one_process(data_dir, tmp_path):
-    """torchrun on 2 CPU processes (gloo) with the same global batch: the same losses as one process."""
-    single = command(data_dir, tmp_path / "one", 6)
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(mode, data_dir, tmp_path):
+    """torchrun on 2 CPU processes (gloo) with the same global batch: the same losses as one process, whether
+    parameters are replicated (DDP) or sharded (FSDP2); the sharded run's checkpoint resumes."""
+    # a schedule that does not depend on --steps, so that a 4-step run resumed to 6 is the 6-step run
+    single = command(data_dir, tmp_path / "one", 6, "--warmup-steps", "2", "--decay-frac", "0")
     run(single)
     ddp = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29500 + os.getpid() % 1000), "-m", "leanseek", *single[3:]]
+           str(29500 + os.getpid() % 1000), "-m", "leanseek", *single[3:], *(["--fsdp"] if mode == "fsdp" else [])]
     ddp[ddp.index(str(tmp_path / "one"))] = str(tmp_path / "two")
-    run(ddp, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ddp[ddp.index("6")] = "4"
+    run(ddp, env={**os.environ, "OMP_NUM_THREADS": "1"})  # 4 steps, a checkpoint at 3 ...
+    ddp[ddp.index("4")] = "6"
+    run(ddp, env={**os.environ, "OMP_NUM_THREADS": "1"})  # ... then resumed from step 4 to 6
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert one.keys() == two.keys()
     for step in one:
@@ -125,3 +131,32 @@ def test_bias_update_lowers_maxvio(data_dir, tmp_path):
         return sum(x["maxvio"] for x in lines) / len(lines)
 
     assert mean_maxvio(0.003, tmp_path / "balanced") < 0.75 * mean_maxvio(0.0, tmp_path / "free")
+
+
+def test_batches_do_not_depend_on_world_size_or_accumulation():
+    import numpy as np
+
+    from leanseek.train.loader import WindowSampler
+
+    tokens = np.arange(10 * 8 + 1, dtype=np.uint16)  # 10 windows of 8 + 1 tokens
+    sampler = WindowSampler(tokens, seq_len=8, batch_size=4, seed=3)
+    full = torch.cat([x for x, _ in sampler.micro_batches(2, rank=0, world=1, accumulation=1)])
+    split = torch.cat([x for r in range(2) for x, _ in sampler.micro_batches(2, rank=r, world=2, accumulation=2)])
+    assert torch.equal(full, split)
+    x, y = sampler.micro_batches(0, 0, 1, 1)[0]
+    assert torch.equal(y[:, :-1], x[:, 1:])  # targets are the next tokens
+    # 3 steps of 4 cover 12 windows: the first epoch's 10, then the second epoch's order begins
+    seen = [int(w) for step in range(3) for w in sampler.global_batch(step)]
+    assert sorted(seen[:10]) == list(range(10)) and seen[:10] != list(range(10))
+    assert WindowSampler(tokens, 8, 4, seed=3).global_batch(7).tolist() == sampler.global_batch(7).tolist()
+
+
+def test_learning_rate_schedule():
+    from types import SimpleNamespace
+
+    from leanseek.train.pretrain import lr_at
+
+    args = SimpleNamespace(lr=1.0, steps=100, warmup_steps=10, decay_frac=0.2)
+    lrs = [lr_at(s, args) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0 and lrs[50] == 1.0 and lrs[79] == 1.0
+    assert lrs[-1] == pytest.approx(0.1) and all(a >= b for a, b in zip(lrs[80:], lrs[81:]))

@@ -93,7 +93,7 @@ class Transformer(nn.Module):
             if T - k <= 0:
                 break
             # depth k pairs the depth-(k-1) state at position i with the embedding of token i+k
-            h, r = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), rope[: T - k])
-            out.mtp_hidden.append(module.shared_head_norm(h))
+            h, normed, r = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), rope[: T - k])
+            out.mtp_hidden.append(normed)
             out.routing.append(r)
         return out

@@ -42,25 +42,23 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = optimizer.state_dict()
-    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()
-               if torch.is_tensor(v)}
-    return tensors, {"param_groups": sd["param_groups"]}
+def save_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer_state: dict, state: dict,
+                    data_dir: Path, keep: int) -> Path:
+    """Write checkpoint `step` atomically, point RUN_DIR/latest at it, and keep only the newest `keep`.
 
-
-def save_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
-                    state: dict, data_dir: Path, keep: int) -> Path:
-    """Write checkpoint `step` atomically, point RUN_DIR/latest at it, and keep only the newest `keep`."""
+    model: with full (unsharded) weights; optimizer_state: a full optimizer state dict keyed by parameter name
+    (torch.distributed.checkpoint.state_dict's form, the same with or without sharding)."""
     final = run_dir / "checkpoints" / f"step-{step:06d}"
     tmp = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     save_hf(model, tmp)
     for name in TOKENIZER_FILES:
         shutil.copy2(data_dir / name, tmp / name)
-    tensors, meta = _optimizer_tensors(optimizer)
+    tensors = {f"{name}::{key}": value.detach().cpu().contiguous()
+               for name, per_param in optimizer_state["state"].items() for key, value in per_param.items()}
     save_file(tensors, tmp / "optimizer.safetensors", metadata={"format": "pt"})
-    (tmp / "trainer_state.json").write_text(json.dumps({**state, "optimizer": meta, "step": step}) + "\n")
+    groups = optimizer_state["param_groups"]
+    (tmp / "trainer_state.json").write_text(json.dumps({**state, "param_groups": groups, "step": step}) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     link = run_dir / ".latest.tmp"
@@ -72,6 +70,40 @@ def save_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer: tor
     return final
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()  # gathers a sharded DTensor
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with sharded (FSDP2) tensors gathered; every rank must call it."""
+    return {name: _full(t) for name, t in model.state_dict().items()}
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """{"state": {parameter name: {key: tensor}}, "param_groups": [...]} with sharded tensors gathered and
+    parameters named, so that it loads whatever the sharding; every rank must call it."""
+    named = list(model.named_parameters())
+    names = {id(p): n for n, p in named}  # by identity: DTensor equality is elementwise
+    state = {n: {k: _full(v) for k, v in optimizer.state[p].items() if torch.is_tensor(v)}
+             for n, p in named if p in optimizer.state}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+              for g in optimizer.param_groups]
+    return {"state": state, "param_groups": groups}
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, full: dict) -> None:
+    """Inverse of full_optimizer_state: each rank keeps its own shard of every sharded tensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = dict(model.named_parameters())
+    for name, per_param in full["state"].items():
+        p = params[name]
+        optimizer.state[p] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+                              if isinstance(p, DTensor) and v.ndim else v.to(p.device) for k, v in per_param.items()}
+    for group, saved in zip(optimizer.param_groups, full["param_groups"]):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint; leftovers of an interrupted save are removed."""
     folder = run_dir / "checkpoints"
@@ -81,13 +113,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore the optimizer from checkpoint `path` and return its trainer state (step, RNG, ledger, ...)."""
+def load_trainer_state(path: Path) -> tuple[dict, dict]:
+    """(trainer state, full optimizer state dict keyed by parameter name) of checkpoint `path`."""
     state = json.loads((path / "trainer_state.json").read_text())
-    tensors = load_file(path / "optimizer.safetensors")
-    per_param: dict[int, dict] = {}
-    for name, t in tensors.items():
-        i, key = name.split(".", 1)
-        per_param.setdefault(int(i), {})[key] = t
-    optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer"]["param_groups"]})
-    return state
+    per_param: dict[str, dict] = {}
+    for name, tensor in load_file(path / "optimizer.safetensors").items():
+        param, key = name.split("::")
+        per_param.setdefault(param, {})[key] = tensor
+    return state, {"state": per_param, "param_groups": state.pop("param_groups")}

@@ -3,7 +3,7 @@
 The objective is V3's (report section 4.2): next-token loss + lambda x MTP loss + alpha x sequence-wise balance loss,
 with the auxiliary-loss-free bias update after every optimizer step. AdamW (0.9, 0.95), gradient clipping at 1.0,
 warmup -> constant -> linear decay. Running the same command on the same RUN_DIR resumes from the newest checkpoint
-and reproduces the uninterrupted run exactly. Under torchrun it trains data-parallel (DDP; FSDP2 with --fsdp).
+and reproduces the uninterrupted run exactly. Under torchrun it trains data-parallel: DDP, or FSDP2 with --fsdp.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from ..model.config import ModelConfig
 from ..model.hf import load_hf
 from ..model.transformer import Transformer
 from .balance import max_violation, update_correction_bias
-from .checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (full_model_state, full_optimizer_state, latest_checkpoint, load_optimizer_state,
+                         load_trainer_state, rng_state, save_checkpoint, set_rng_state)
 from .cost import Ledger, detect_peak_tflops
 from .loader import WindowSampler, eval_windows
 from .losses import IGNORE_INDEX, training_loss
@@ -63,7 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="bf16 autocast; auto: on GPUs, not on CPUs (faster only with AMX)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--fsdp", action="store_true", help="shard parameters over ranks (FSDP2) instead of DDP")
+    g.add_argument("--fsdp", action="store_true", help="under torchrun, shard parameters, gradients and optimizer "
+                                                       "state over ranks (FSDP2) instead of replicating them (DDP)")
     g.add_argument("--save-every", type=int, default=200)
     g.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
     g.add_argument("--eval-every", type=int, default=200)
@@ -109,6 +111,20 @@ class Objective(nn.Module):
         return t.loss, t.ce, t.mtp, t.balance, t.load
 
 
+def clip_gradients(params: list[nn.Parameter], max_norm: float, sharded: bool) -> float:
+    """Scale gradients to a global L2 norm of at most max_norm; returns the norm before clipping."""
+    if not sharded:
+        return float(nn.utils.clip_grad_norm_(params, max_norm))
+    # sharded gradients (DTensors) and whole ones mixed: sum the squares, gathering each sharded norm
+    squares = [p.grad.norm() ** 2 for p in params if p.grad is not None]
+    total = math.sqrt(sum(float(s.full_tensor() if hasattr(s, "full_tensor") else s) for s in squares))
+    scale = min(1.0, max_norm / (total + 1e-6))
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(scale)
+    return total
+
+
 def token_bytes(tokenizer: TextTokenizer) -> torch.Tensor:
     """UTF-8 bytes each token stands for (0 for special tokens); byte-level BPE writes one character per byte."""
     special = set(tokenizer.tk.get_added_tokens_decoder())
@@ -130,6 +146,7 @@ def evaluate(model: Transformer, x: torch.Tensor, y: torch.Tensor, nbytes: torch
         tokens += int((b > 0).sum())
         total_bytes += int(b.sum())
     model.train()
+    _reshard(model)
     return {"val_loss": nats / max(tokens, 1), "val_bpb": nats / math.log(2) / max(total_bytes, 1)}
 
 
@@ -184,35 +201,41 @@ def run(args) -> dict:
             raise ValueError(f"--seq-len {args.seq_len} exceeds max_position_embeddings={cfg.max_position_embeddings}")
         model = Transformer(cfg).to(device).train()
     cfg = model.cfg
+    sharded = world > 1 and args.fsdp
+    replicated = list(model.parameters())  # parameters whose gradients this loop averages over ranks itself
+    if sharded:  # before the optimizer exists: sharding replaces the parameters
+        from torch.distributed.fsdp import fully_shard
+
+        # each decoder block (and MTP module) is sharded; the embedding, final norm and head stay whole on every
+        # rank, as the loss uses the head's weight outside any module's forward
+        for block in [*model.layers, *model.mtp]:
+            fully_shard(block)
+        in_blocks = {id(p) for block in [*model.layers, *model.mtp] for p in block.parameters()}
+        replicated = [p for p in model.parameters() if id(p) not in in_blocks]
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed_tokens" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed_tokens" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
-                                  fused=device.type in ("cpu", "cuda"))
-    peak, peak_source = ((args.peak_tflops, "given") if args.peak_tflops
+                                  fused=device.type in ("cpu", "cuda") and not sharded)
+    peak, _ = ((args.peak_tflops, "given") if args.peak_tflops
                          else detect_peak_tflops(device, torch.bfloat16 if use_bf16 else torch.float32))
     price = args.price if args.price is not None else (2.0 if device.type == "cuda" else 0.05)
     ledger = Ledger(devices=world, peak_tflops=peak, price_per_device_hour=price)
     start = 0
     if resume is not None:
-        state = load_trainer_state(resume, optimizer)
+        state, optimizer_state = load_trainer_state(resume)
         changed = {k: (state["args"].get(k), run_args.get(k)) for k in RESUME_KEYS
                    if state["args"].get(k) != run_args.get(k)}
         if changed:
             raise ValueError(f"{run_dir} holds a run made with other settings; changed: "
                              + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+        load_optimizer_state(model, optimizer, optimizer_state)
         start = state["step"]
         set_rng_state(state["rng"])
         ledger = Ledger(**{**state["ledger"], "devices": world, "peak_tflops": peak, "price_per_device_hour": price})
 
     objective = Objective(model, args.mtp_weight, args.balance_weight)
-    if world > 1 and args.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for block in model.layers:
-            fully_shard(block)
-        fully_shard(model)
-    elif world > 1:
+    if world > 1 and not sharded:
         objective = nn.parallel.DistributedDataParallel(
             objective, broadcast_buffers=False,  # routing biases stay equal: every rank applies the same update
             find_unused_parameters=args.mtp_weight == 0 and cfg.num_nextn_predict_layers > 0)
@@ -224,13 +247,13 @@ def run(args) -> dict:
     nbytes = token_bytes(tokenizer)
     flops_per_token = cfg.flops_per_token(args.seq_len, include_mtp=args.mtp_weight > 0)
     metrics_path = run_dir / "metrics.jsonl"
+    first_eval = evaluate(model, val_x, val_y, nbytes, device, autocast) if start == 0 else {}
     if main_rank:
         run_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(metrics_path, start)
         if start == 0:
             baseline = unigram_bpb(train_tokens, val_y, nbytes, cfg.vocab_size)
-            _append(metrics_path, {"step": 0, "unigram_val_bpb": baseline,
-                                   **evaluate(model, val_x, val_y, nbytes, device, autocast)})
+            _append(metrics_path, {"step": 0, "unigram_val_bpb": baseline, **first_eval})
     routers = model.routers()
     line: dict = {}
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="pretrain",
@@ -243,6 +266,9 @@ def run(args) -> dict:
         load = torch.zeros(len(routers), cfg.n_routed_experts, device=device)
         for m, (x, y) in enumerate(sampler.micro_batches(step, rank, world, accumulation)):
             last = m == accumulation - 1
+            if sharded:  # reduce-scatter gradients on the last micro-step only
+                for block in [*model.layers, *model.mtp]:
+                    block.set_requires_gradient_sync(last)
             sync = contextlib.nullcontext() if last or not hasattr(objective, "no_sync") else objective.no_sync()
             with sync:
                 with autocast():
@@ -254,7 +280,11 @@ def run(args) -> dict:
             dist.all_reduce(load)
             dist.all_reduce(sums)
             sums /= world
-        grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        if sharded:
+            for p in replicated:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        grad_norm = clip_gradients(list(model.parameters()), 1.0, sharded)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if routers:
@@ -279,20 +309,39 @@ def run(args) -> dict:
             _append(metrics_path, line)
             bar.set_postfix(loss=f"{ce_v:.3f}", tok_s=f"{tokens / dt:,.0f}", maxvio=f"{line['maxvio']:.2f}")
         if (step + 1) % args.save_every == 0 or done:
-            _save(run_dir, step + 1, model, optimizer, run_args, ledger, data_dir, args.keep, main_rank)
+            _save(run_dir, step + 1, model, optimizer, run_args, ledger, data_dir, args.keep, main_rank, sharded)
     bar.close()
     if world > 1:
         dist.destroy_process_group()
     return line
 
 
-def _save(run_dir, step, model, optimizer, run_args, ledger, data_dir, keep, main_rank) -> None:
+def _save(run_dir, step, model, optimizer, run_args, ledger, data_dir, keep, main_rank, sharded) -> None:
+    # full (gathered) states: collectives when sharded, so every rank takes part; rank 0 writes
+    _reshard(model)  # the optimizer holds the sharded parameters
+    optimizer_state = full_optimizer_state(model, optimizer)
+    plain = model
+    if sharded:
+        weights = full_model_state(model)
+        if main_rank:
+            with torch.device("meta"):
+                plain = Transformer(model.cfg)
+            plain.load_state_dict(weights, assign=True)
+            plain.rotary.reset()
     if main_rank:
         state = {"args": run_args, "rng": rng_state(), "ledger": dataclasses.asdict(ledger)}
-        save_checkpoint(run_dir, step, model, optimizer, state, data_dir, keep)
+        save_checkpoint(run_dir, step, plain, optimizer_state, state, data_dir, keep)
         _write_json(run_dir / "cost.json", ledger.summary())
     if dist.is_initialized():
         dist.barrier()
+
+
+def _reshard(model: Transformer) -> None:
+    """Under FSDP2 each block is its own root, and a root keeps its gathered parameters after a forward that no
+    backward follows (an evaluation): shard them again."""
+    for block in [*model.layers, *model.mtp]:
+        if hasattr(block, "reshard"):
+            block.reshard()
 
 
 def _append(path: Path, line: dict) -> None:
