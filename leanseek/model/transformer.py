@@ -60,9 +60,9 @@ class Transformer(nn.Module):
             if r.e_score_correction_bias is not None:
                 r.e_score_correction_bias.zero_()
 
-    def routers(self) -> list[Router]:
-        """Every MoE router: main layers first, then the MTP modules'."""
-        blocks = list(self.layers) + [m.block for m in self.mtp]
+    def routers(self, mtp: bool = True) -> list[Router]:
+        """Every MoE router: main layers first, then (when mtp) the MTP modules'."""
+        blocks = list(self.layers) + ([m.block for m in self.mtp] if mtp else [])
         return [b.mlp.gate for b in blocks if isinstance(b.mlp, MoE)]
 
     def hidden(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[Routing], torch.Tensor]:

@@ -202,7 +202,7 @@ def run(args) -> dict:
         model = Transformer(cfg).to(device).train()
     cfg = model.cfg
     sharded = world > 1 and args.fsdp
-    replicated = list(model.parameters())  # parameters whose gradients this loop averages over ranks itself
+    replicated = []  # with FSDP: parameters whose gradients this loop averages over ranks itself
     if sharded:  # before the optimizer exists: sharding replaces the parameters
         from torch.distributed.fsdp import fully_shard
 
@@ -217,8 +217,7 @@ def run(args) -> dict:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
                                   fused=device.type in ("cpu", "cuda") and not sharded)
-    peak, _ = ((args.peak_tflops, "given") if args.peak_tflops
-                         else detect_peak_tflops(device, torch.bfloat16 if use_bf16 else torch.float32))
+    peak = args.peak_tflops or detect_peak_tflops(device, torch.bfloat16 if use_bf16 else torch.float32)[0]
     price = args.price if args.price is not None else (2.0 if device.type == "cuda" else 0.05)
     ledger = Ledger(devices=world, peak_tflops=peak, price_per_device_hour=price)
     start = 0
@@ -254,7 +253,7 @@ def run(args) -> dict:
         if start == 0:
             baseline = unigram_bpb(train_tokens, val_y, nbytes, cfg.vocab_size)
             _append(metrics_path, {"step": 0, "unigram_val_bpb": baseline, **first_eval})
-    routers = model.routers()
+    routers = model.routers(mtp=args.mtp_weight > 0)  # MTP modules do not run when their loss is off
     line: dict = {}
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="pretrain",
                disable=None if main_rank else True)  # None: shown on terminals only
