@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/balance.py --data runs/data-builtin [--steps 300] [--preset tiny]
 
 Trains the same model twice on the built-in corpus with `leanseek pretrain`:
-- aux-loss-free: the bias update (gamma 1e-3, V3's value) plus V3's tiny sequence-wise loss (alpha 1e-4);
-- aux-loss: no bias update and a sequence-wise balance loss strong enough to do the balancing alone (alpha 1e-2,
-  in the range of DeepSeek-V2's expert-level loss, as the report's baselines used).
+- aux-loss-free: the bias update (--gamma; V3 used 1e-3 over ~10^5 steps, a run of a few hundred steps needs a
+  faster one) plus V3's tiny sequence-wise loss (alpha 1e-4);
+- aux-loss: no bias update and a sequence-wise balance loss that does the balancing alone (--aux-alpha, default
+  3e-3, DeepSeek-V2's expert-level weight, as the report's baselines used V2-style strengths).
 Prints, side by side, the validation bits per byte at the end and the MaxVio (V3 report: how far the busiest
 expert is above the mean load) averaged over the last quarter of training. The report found aux-loss-free
 better on validation loss with comparable or better balance.
@@ -40,13 +41,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--aux-alpha", type=float, default=1e-2)
+    ap.add_argument("--aux-alpha", type=float, default=3e-3, help="DeepSeek-V2's expert-level balance weight")
+    ap.add_argument("--gamma", type=float, default=1e-2,
+                    help="bias update speed; V3's 1e-3 is for runs of many thousand steps")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        free = train(args, Path(tmp) / "free", gamma=1e-3, alpha=1e-4)
+        free = train(args, Path(tmp) / "free", gamma=args.gamma, alpha=1e-4)
         aux = train(args, Path(tmp) / "aux", gamma=0.0, alpha=args.aux_alpha)
-    print(f"# {args.preset}, {args.steps} steps of {args.batch} x {args.seq}, seed {args.seed}; MaxVio averaged "
-          f"over the last quarter (mean over layers / worst layer)")
+    print(f"# {args.preset}, {args.steps} steps of {args.batch} x {args.seq}, seed {args.seed}, gamma {args.gamma:g}; "
+          f"MaxVio averaged over the last quarter (mean over layers / worst layer)")
     print(f"{'':16}{'val bpb':>9}{'MaxVio':>9}{'worst':>9}")
     for name, r in (("aux-loss-free", free), (f"aux-loss {args.aux_alpha:g}", aux)):
         print(f"{name:16}{r['val_bpb']:9.4f}{r['maxvio']:9.3f}{r['maxvio_max']:9.3f}")
