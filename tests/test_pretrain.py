@@ -79,9 +79,15 @@ def test_resume_after_sigkill_reproduces_the_run(data_dir, tmp_path):
     assert cost["tokens"] >= steps * 4 * 32 and cost["device_hours"] > 0
 
 
-def test_changed_settings_are_refused(data_dir, tmp_path):
-    run(command(data_dir, tmp_path / "r", 3))
-    done = subprocess.run(command(data_dir, tmp_path / "r", 6, "--lr", "0.01"), capture_output=True, text=True)
+def test_changed_settings_are_refused_and_tensorboard_logs(data_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(command(data_dir, tmp_path / "r", 3, "--tensorboard"))
+    events = EventAccumulator(str(tmp_path / "r" / "tensorboard")).Reload()
+    logged = {e.step: e.value for e in events.Scalars("loss")}
+    assert logged == pytest.approx({step: loss for step, (loss, _) in losses(tmp_path / "r").items()})
+    done = subprocess.run(command(data_dir, tmp_path / "r", 6, "--lr", "0.01", "--tensorboard"), capture_output=True,
+                          text=True)
     assert done.returncode == 2 and "changed: lr 0.002 -> 0.01" in done.stderr
     done = subprocess.run(command(data_dir, tmp_path / "q", 3, "--micro-batch-size", "3"), capture_output=True,
                           text=True)

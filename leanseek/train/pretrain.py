@@ -66,6 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--fsdp", action="store_true", help="under torchrun, shard parameters, gradients and optimizer "
                                                        "state over ranks (FSDP2) instead of replicating them (DDP)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also log every metric for TensorBoard in RUN_DIR/tensorboard (pip install tensorboard)")
     g.add_argument("--save-every", type=int, default=200)
     g.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
     g.add_argument("--eval-every", type=int, default=200)
@@ -246,13 +248,20 @@ def run(args) -> dict:
     nbytes = token_bytes(tokenizer)
     flops_per_token = cfg.flops_per_token(args.seq_len, include_mtp=args.mtp_weight > 0)
     metrics_path = run_dir / "metrics.jsonl"
-    first_eval = evaluate(model, val_x, val_y, nbytes, device, autocast) if start == 0 else {}
+    baselines = {}  # on the first line of a fresh run: the untrained model's and a unigram model's bits per byte
+    if start == 0:
+        baselines = {f"initial_{k}": v for k, v in evaluate(model, val_x, val_y, nbytes, device, autocast).items()}
+        baselines["unigram_val_bpb"] = unigram_bpb(train_tokens, val_y, nbytes, cfg.vocab_size)
     if main_rank:
         run_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(metrics_path, start)
-        if start == 0:
-            baseline = unigram_bpb(train_tokens, val_y, nbytes, cfg.vocab_size)
-            _append(metrics_path, {"step": 0, "unigram_val_bpb": baseline, **first_eval})
+    writer = None
+    if args.tensorboard and main_rank:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("--tensorboard needs the tensorboard package: pip install 'leanseek[tensorboard]'") from None
+        writer = SummaryWriter(run_dir / "tensorboard", purge_step=start + 1)  # drop what a killed run logged past it
     routers = model.routers(mtp=args.mtp_weight > 0)  # MTP modules do not run when their loss is off
     line: dict = {}
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="pretrain",
@@ -301,15 +310,22 @@ def run(args) -> dict:
                 "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm, "tokens_per_s": tokens / dt,
                 "mfu": flops_per_token * tokens / dt / (peak * 1e12 * world), "maxvio": float(vio.mean()),
                 "maxvio_max": float(vio.max()), "seconds": dt}
+        line.update(baselines)
+        baselines = {}
         done = step + 1 == args.steps
         if (step + 1) % args.eval_every == 0 or done:
             line.update(evaluate(model, val_x, val_y, nbytes, device, autocast))
         if main_rank:
             _append(metrics_path, line)
+            for key, value in line.items():
+                if writer is not None and key != "step":
+                    writer.add_scalar(key, value, step + 1)
             bar.set_postfix(loss=f"{ce_v:.3f}", tok_s=f"{tokens / dt:,.0f}", maxvio=f"{line['maxvio']:.2f}")
         if (step + 1) % args.save_every == 0 or done:
             _save(run_dir, step + 1, model, optimizer, run_args, ledger, data_dir, args.keep, main_rank, sharded)
     bar.close()
+    if writer is not None:
+        writer.close()
     if world > 1:
         dist.destroy_process_group()
     return line
