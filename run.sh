@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Sets up .venv (torch 2.13.0 first, then leanseek) and runs the main job. Until the training pipeline lands, that
-# is: the presets' parameter / FLOP / KV-cache table; the built-in corpus tokenized into training shards; a freshly
-# initialised `tiny` model written as a Hugging Face folder; and a check that leanseek and transformers compute the
-# same logits from it.
+# Sets up .venv (torch 2.13.0 first, then leanseek) and runs the main job. Until the whole pipeline lands, that is:
+# the presets' parameter / FLOP / KV-cache table; the built-in corpus tokenized into training shards; a few minutes
+# of pretraining the `tiny` model on it (STEPS, default 300; run again to resume or, with a larger STEPS, continue);
+# and a check that transformers computes the same logits from the resulting checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")"
 source ./setup.sh
@@ -20,9 +20,14 @@ fi
 
 .venv/bin/leanseek presets
 echo
-.venv/bin/leanseek data --source builtin --out "$runs/data-builtin"
+if [ -f "$runs/data-builtin/manifest.json" ]; then
+  echo "reusing $runs/data-builtin (delete it to tokenize again)"
+else
+  .venv/bin/leanseek data --source builtin --out "$runs/data-builtin"
+fi
 echo
-.venv/bin/leanseek info tiny
+.venv/bin/leanseek pretrain --data "$runs/data-builtin" --out "$runs/pretrain-tiny" --preset tiny \
+    --steps "${STEPS:-300}" --batch-size 16 --seq-len 256 --save-every 100 --eval-every 100
 echo
-.venv/bin/leanseek init --preset tiny --out "$runs/tiny-init"
-.venv/bin/leanseek check "$runs/tiny-init"
+.venv/bin/leanseek check "$runs/pretrain-tiny/latest"
+echo "cost of the run: $runs/pretrain-tiny/cost.json; metrics: $runs/pretrain-tiny/metrics.jsonl"
