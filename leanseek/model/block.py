@@ -1,5 +1,7 @@
 """One decoder layer: pre-norm MLA, then pre-norm dense SwiGLU or DeepSeekMoE, each with a residual."""
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -18,8 +20,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, Routing | None]:
-        x = x + self.self_attn(self.input_layernorm(x), rope)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor,
+                attend: Callable[[MLA, torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, Routing | None]:
+        """attend(self_attn, normed x): attention computed another way (over a latent cache, see Transformer.step)."""
+        h = self.input_layernorm(x)
+        x = x + (self.self_attn(h, rope) if attend is None else attend(self.self_attn, h))
         if isinstance(self.mlp, MoE):
             y, routing = self.mlp(self.post_attention_layernorm(x))
             return x + y, routing
