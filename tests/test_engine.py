@@ -5,7 +5,7 @@ import torch
 from conftest import randomise, small_config
 
 import leanseek
-from leanseek.infer.engine import Engine
+from leanseek import Engine
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +62,5 @@ def test_bad_requests_are_named(model):
         engine.generate([[1] * 10], max_new_tokens=7)
     with pytest.raises(ValueError, match="top_p=0"):
         engine.generate([[1]], max_new_tokens=4, top_p=0)
+    with pytest.raises(NotImplementedError, match="speculative"):
+        engine.generate([[1]], max_new_tokens=4, speculative=True)

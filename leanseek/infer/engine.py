@@ -67,7 +67,8 @@ class Engine:
         strings = [s for s in stop if isinstance(s, str)]
         if strings and self.tokenizer is None:
             raise ValueError("stop strings need the engine's tokenizer: Engine(model, tokenizer)")
-        params.pop("speculative", None)  # MTP speculative decoding: not yet (issue 4)
+        if params.pop("speculative", False):
+            raise NotImplementedError("MTP speculative decoding is not in the engine yet")
         requests = []
         for i, prompt in enumerate(prompts):
             p = SamplingParams(**{**params, "stop_token_ids": ids, "stop": strings})
