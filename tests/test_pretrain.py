@@ -167,3 +167,10 @@ def test_learning_rate_schedule():
     lrs = [lr_at(s, args) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0 and lrs[50] == 1.0 and lrs[79] == 1.0
     assert lrs[-1] == pytest.approx(0.1) and all(a >= b for a, b in zip(lrs[80:], lrs[81:]))
+
+
+def test_compiled_training_matches_eager(data_dir, tmp_path):
+    run(command(data_dir, tmp_path / "eager", 3))
+    run(command(data_dir, tmp_path / "compiled", 3, "--compile"))
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert [compiled[s][0] for s in compiled] == pytest.approx([eager[s][0] for s in eager], rel=1e-4)

@@ -142,7 +142,6 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * Ie, d))
         self.down_proj = nn.Parameter(torch.empty(E, d, Ie))
 
-    @torch.compiler.disable  # per-expert token counts change every step: compiling would recompile every step
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """x [N, d] -> sum_k g_k Expert_{i_k}(x): [N, d]."""
         K = routing.indices.shape[1]

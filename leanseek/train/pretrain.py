@@ -27,6 +27,7 @@ from tqdm import tqdm
 from ..data import TextTokenizer, load_split
 from ..model.config import ModelConfig
 from ..model.hf import load_hf
+from ..model.moe import Experts
 from ..model.transformer import Transformer
 from .balance import max_violation, update_correction_bias
 from .checkpoint import (full_model_state, full_optimizer_state, latest_checkpoint, load_optimizer_state,
@@ -241,6 +242,9 @@ def run(args) -> dict:
             objective, broadcast_buffers=False,  # routing biases stay equal: every rank applies the same update
             find_unused_parameters=args.mtp_weight == 0 and cfg.num_nextn_predict_layers > 0)
     if args.compile:
+        for module in model.modules():  # per-expert token counts change every step: leave the expert kernel
+            if isinstance(module, Experts):  # uncompiled, or every step would recompile
+                module.forward = torch.compiler.disable(module.forward)
         objective = torch.compile(objective)
 
     sampler = WindowSampler(train_tokens, args.seq_len, args.batch_size, args.seed)
