@@ -1,0 +1,78 @@
+"""Decoding speed of leanseek's Engine against transformers' `generate` (with its KV cache) on the same weights,
+side by side in one run: tokens/s at batch 1, and aggregate tokens/s at 1, 4, 16 and 64 concurrent sequences.
+
+    .venv/bin/python benchmarks/decode.py [--model RUN_DIR/latest | --preset tiny] [--new-tokens 64] [--threads 2]
+
+Greedy decoding of prompts of 32 tokens, a fixed number of new tokens (no early stop), float32. Also prints the
+KV-cache bytes per token of both: MLA's latent cache against the full keys and values transformers keeps.
+"""
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="a Hugging Face model folder (default: a random --preset model)")
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--batches", default="1,4,16,64")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    import leanseek
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.model
+        if path is None:
+            leanseek.save_hf(leanseek.Transformer(leanseek.ModelConfig.preset(args.preset)), tmp)
+            path = tmp
+        ours = leanseek.load_hf(path)
+        theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    cfg = ours.cfg
+    batches = [int(b) for b in args.batches.split(",")]
+    engine = leanseek.Engine(ours, max_batch=max(batches), max_len=args.prompt_len + args.new_tokens)
+    print(f"# greedy decode, {cfg.param_counts()}, prompt {args.prompt_len} + {args.new_tokens} new tokens, "
+          f"float32, {args.threads} threads, torch {torch.__version__}, transformers {transformers.__version__}")
+    kv = cfg.kv_cache_values_per_token()
+    print(f"# KV cache per token: leanseek {engine.cache_bytes_per_token():,} bytes (latent), transformers "
+          f"{kv['mha'] * 4:,} bytes (keys and values of every head): {kv['mha'] / kv['mla']:.1f}x smaller")
+    print(f"{'sequences':>9} {'leanseek tok/s':>15} {'transformers tok/s':>19} {'speedup':>8}")
+    for batch in batches:
+        prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_len))
+        new = batch * args.new_tokens
+
+        def run_ours():
+            outs = engine.generate(prompts.tolist(), max_new_tokens=args.new_tokens)
+            assert all(len(o) == args.new_tokens for o in outs)
+
+        def run_theirs():
+            with torch.no_grad():
+                theirs.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.new_tokens,
+                                min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+
+        run_ours(), run_theirs()  # warm-up
+        t_ours = min(timed(run_ours) for _ in range(2))
+        t_theirs = min(timed(run_theirs) for _ in range(2))
+        print(f"{batch:>9} {new / t_ours:>15,.0f} {new / t_theirs:>19,.0f} {t_theirs / t_ours:>7.2f}x")
+
+
+if __name__ == "__main__":
+    main()
