@@ -15,7 +15,10 @@ from .model.presets import PRESETS
 
 def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    def line(row: list) -> str:  # first column left-aligned, the others right-aligned
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
@@ -166,10 +169,11 @@ def cmd_cost(args) -> None:
     if args.preset == "deepseek-v3":
         ref = DEEPSEEK_V3
         scale = args.tokens / ref["tokens"]
-        print(f"\nDeepSeek-V3 report, Table 1: pre-training {ref['tokens']:.3g} tokens took "
-              f"{ref['pretrain_gpu_hours'] / 1e6:.3f}M H800 GPU-hours (${ref['pretrain_gpu_hours'] * ref['price'] / 1e6:.3f}M);"
-              f" for {args.tokens:.3g} tokens that is {ref['pretrain_gpu_hours'] * scale / 1e6:.3f}M. "
-              f"This estimate: {est.device_hours / 1e6:.3f}M ({est.device_hours / (ref['pretrain_gpu_hours'] * scale):.2f}x).")
+        hours = ref["pretrain_gpu_hours"]
+        print(f"\nDeepSeek-V3 report, Table 1: pre-training {ref['tokens']:.3g} tokens took {hours / 1e6:.3f}M H800 "
+              f"GPU-hours (${hours * ref['price'] / 1e6:.3f}M); for {args.tokens:.3g} tokens that is "
+              f"{hours * scale / 1e6:.3f}M. This estimate: {est.device_hours / 1e6:.3f}M "
+              f"({est.device_hours / (hours * scale):.2f}x).")
 
 
 def cmd_pretrain(args) -> None:

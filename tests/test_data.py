@@ -19,7 +19,8 @@ def tokenizer():
 
 
 @pytest.mark.parametrize("text", ["", "plain words", "  leading and trailing  \n", "tabs\tand\r\nCRLF",
-                                  "\x00\x01 control \x7f", "😀 🚀 👩‍👩‍👧 日本語 한국어 العربية", "ééé\u0301 NFC/NFD",
+                                  "\x00\x01 control \x7f", "😀 🚀 👩‍👩‍👧 日本語 한국어 العربية",
+                                  "ééé\u0301 NFC/NFD",
                                   "<think>reasoning</think> answer <|user|>", "1234567890" * 3, "x" * 5000])
 def test_round_trip_is_exact(tokenizer, text):
     assert tokenizer.decode(tokenizer.encode(text)) == text

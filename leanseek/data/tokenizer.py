@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizer, trained with Hugging Face `tokenizers`, saved in the form transformers' AutoTokenizer loads.
+"""Byte-level BPE tokenizer, trained with Hugging Face `tokenizers`, saved in the form AutoTokenizer loads.
 
 Digits are split one per token before BPE (arithmetic tasks need each digit to be its own token), and the byte
 alphabet is always in the vocabulary, so any UTF-8 text encodes and decodes back exactly.

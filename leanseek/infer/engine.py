@@ -76,7 +76,8 @@ class Engine:
                 raise ValueError(f"request {i}: the prompt is empty")
             bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
             if bad:
-                raise ValueError(f"request {i}: token ids {bad[:5]} are outside the vocabulary (0..{self.cfg.vocab_size - 1})")
+                raise ValueError(f"request {i}: token ids {bad[:5]} are outside the vocabulary "
+                                 f"(0..{self.cfg.vocab_size - 1})")
             if len(prompt) + p.max_new_tokens > self.max_len:
                 raise ValueError(f"request {i}: prompt ({len(prompt)} tokens) + max_new_tokens ({p.max_new_tokens}) "
                                  f"exceeds the context of {self.max_len}")

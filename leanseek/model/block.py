@@ -12,6 +12,9 @@ from .moe import MoE, Routing
 from .norm import RMSNorm
 
 
+Attend = Callable[[MLA, torch.Tensor], torch.Tensor]  # (attention module, normed input) -> attention output
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, moe: bool):
         super().__init__()
@@ -21,7 +24,7 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor,
-                attend: Callable[[MLA, torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, Routing | None]:
+                attend: Attend | None = None) -> tuple[torch.Tensor, Routing | None]:
         """attend(self_attn, normed x): attention computed another way (over a latent cache, see Transformer.step)."""
         h = self.input_layernorm(x)
         x = x + (self.self_attn(h, rope) if attend is None else attend(self.self_attn, h))

@@ -1,4 +1,4 @@
-"""Presets as data: Hugging Face DeepseekV3Config fields. Unlisted fields take ModelConfig's defaults (DeepSeek-V3's)."""
+"""Presets as data: HF DeepseekV3Config fields; unlisted fields take ModelConfig's (DeepSeek-V3's) defaults."""
 
 _YARN_V3 = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
             "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}

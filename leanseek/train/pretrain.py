@@ -34,7 +34,7 @@ from .checkpoint import (full_model_state, full_optimizer_state, latest_checkpoi
                          load_trainer_state, rng_state, save_checkpoint, set_rng_state)
 from .cost import Ledger, detect_peak_tflops
 from .loader import WindowSampler, eval_windows
-from .losses import IGNORE_INDEX, training_loss
+from .losses import training_loss
 
 # arguments that decide what a step computes: a resumed run must use the same ones
 RESUME_KEYS = ("preset", "set", "batch_size", "seq_len", "seed", "lr", "warmup_steps", "decay_frac", "weight_decay",
@@ -264,7 +264,8 @@ def run(args) -> dict:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ValueError("--tensorboard needs the tensorboard package: pip install 'leanseek[tensorboard]'") from None
+            raise ValueError("--tensorboard needs the tensorboard package: "
+                             "pip install 'leanseek[tensorboard]'") from None
         writer = SummaryWriter(run_dir / "tensorboard", purge_step=start + 1)  # drop what a killed run logged past it
     routers = model.routers(mtp=args.mtp_weight > 0)  # MTP modules do not run when their loss is off
     line: dict = {}
