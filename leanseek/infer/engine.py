@@ -119,8 +119,10 @@ class Engine:
             active = still
 
     def _next(self, r: _Request, logits: torch.Tensor) -> int:
-        seen = torch.tensor(r.prompt + r.output, device=self.device)
-        token = sample(apply_penalties(logits, seen, r.counts, r.params), r.params, r.generator)
+        p = r.params
+        if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+            logits = apply_penalties(logits, torch.tensor(r.prompt + r.output, device=self.device), r.counts, p)
+        token = sample(logits, p, r.generator)
         r.output.append(token)
         r.counts[token] += 1
         return token
