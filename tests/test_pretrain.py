@@ -64,8 +64,9 @@ def test_resume_after_sigkill_reproduces_the_run(data_dir, tmp_path):
         time.sleep(rng.uniform(0, 0.05))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    # and once in the middle of writing a checkpoint
-    proc = subprocess.Popen(command(data_dir, killed, steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # and once in the middle of writing a checkpoint (saving every step, which changes no loss, to be sure to hit one)
+    proc = subprocess.Popen(command(data_dir, killed, steps, "--save-every", "1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     while proc.poll() is None and not list((killed / "checkpoints").glob(".tmp-step-*/*")):
         pass
     proc.send_signal(signal.SIGKILL)
