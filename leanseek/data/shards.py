@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..atomic import write_text_atomic
 from .sources import SourceStats
 from .tokenizer import TextTokenizer
 
@@ -99,9 +100,7 @@ def write_shards(docs: list[str], tokenizer: TextTokenizer, out: str | os.PathLi
                      "skipped_examples": s.skipped_examples} for s in sources],
         "splits": {name: w.finish() for name, w in writers.items()},
     }
-    tmp = out / f".manifest.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / "manifest.json")
+    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

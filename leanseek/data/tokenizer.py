@@ -13,6 +13,8 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from ..atomic import write_text_atomic
+
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT, END_OF_TURN = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 THINK, END_THINK = "<think>", "</think>"
@@ -69,9 +71,7 @@ class TextTokenizer:
         }
         for name, text in (("tokenizer.json", self.tk.to_str(pretty=False)),
                            ("tokenizer_config.json", json.dumps(config, indent=2) + "\n")):
-            tmp = folder / f".{name}.tmp{os.getpid()}"
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, folder / name)
+            write_text_atomic(folder / name, text)
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "TextTokenizer":

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..atomic import write_atomic, write_text_atomic
 from .config import ConfigError, ModelConfig
 from .transformer import Transformer
 
@@ -80,15 +81,6 @@ def _parse_size(size: int | str) -> int:
     return int(float(m[1]) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m[2]])
 
 
-def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_hf(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None,
             max_shard_size: int | str = "5GB") -> Path:
     """Write `model` as a Hugging Face DeepseekV3ForCausalLM (or V2) folder that transformers, vLLM and SGLang load.
@@ -131,13 +123,13 @@ def save_hf(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | No
     weight_map, total = {}, 0
     for file, shard in zip(files, shards):
         tensors = {name: tensor(key, split, i) for name, key, split, i, _ in shard}
-        _write_atomic(path / file, lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
+        write_atomic(path / file, lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
         for name, t in tensors.items():
             weight_map[name] = file
             total += t.numel() * t.element_size()
     if len(files) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _write_atomic(path / INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
+        write_text_atomic(path / INDEX, json.dumps(index, indent=2))
     else:
         (path / INDEX).unlink(missing_ok=True)
     for stale in path.glob("model*.safetensors"):
@@ -145,7 +137,7 @@ def save_hf(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | No
             stale.unlink()
     config = model.cfg.to_hf()
     config["torch_dtype"] = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
-    _write_atomic(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    write_text_atomic(path / "config.json", json.dumps(config, indent=2) + "\n")
     return path
 
 
@@ -174,8 +166,8 @@ def _open_shards(path: Path) -> dict[str, object]:
     elif (path / SINGLE).is_file():
         files = [SINGLE]
     else:
-        other = [p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf")]
-        hint = f" (found {', '.join(sorted(other))}; leanseek never unpickles checkpoints)" if other else ""
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        hint = f" (found {', '.join(pickled)}: leanseek never unpickles checkpoints)" if pickled else ""
         raise CheckpointError(f"{path} holds neither {SINGLE} nor {INDEX}{hint}")
     handles = {}
     for file in files:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ..atomic import write_text_atomic
 from ..data import TextTokenizer, load_split
 from ..model.config import ModelConfig
 from ..model.hf import load_hf
@@ -370,9 +371,7 @@ def _append(path: Path, line: dict) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -386,6 +385,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 keep.append(raw)
         except (json.JSONDecodeError, KeyError):
             continue  # a line cut short by the kill
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(k + "\n" for k in keep))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(k + "\n" for k in keep))
