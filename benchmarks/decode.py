@@ -3,8 +3,9 @@ side by side in one run: tokens/s at batch 1, and aggregate tokens/s at 1, 4, 16
 
     .venv/bin/python benchmarks/decode.py [--model RUN_DIR/latest | --preset tiny] [--new-tokens 64] [--threads 2]
 
-Greedy decoding of prompts of 32 tokens, a fixed number of new tokens (no early stop), float32. Also prints the
-KV-cache bytes per token of both: MLA's latent cache against the full keys and values transformers keeps.
+Greedy decoding of prompts of 32 tokens, a fixed number of new tokens (no early stop), float32. leanseek runs
+compiled (Engine(compile=True); compilation happens in an untimed warm-up) and eagerly. Also prints the KV-cache
+bytes per token of both: MLA's latent cache against the full keys and values transformers keeps.
 """
 
 import argparse
@@ -48,30 +49,38 @@ def main() -> None:
         theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     cfg = ours.cfg
     batches = [int(b) for b in args.batches.split(",")]
-    engine = leanseek.Engine(ours, max_batch=max(batches), max_len=args.prompt_len + args.new_tokens)
+    engines = {"compiled": leanseek.Engine(ours, max_batch=max(batches), max_len=args.prompt_len + args.new_tokens,
+                                           compile=True),
+               "eager": leanseek.Engine(ours, max_batch=max(batches), max_len=args.prompt_len + args.new_tokens)}
     print(f"# greedy decode, {cfg.param_counts()}, prompt {args.prompt_len} + {args.new_tokens} new tokens, "
           f"float32, {args.threads} threads, torch {torch.__version__}, transformers {transformers.__version__}")
-    kv = cfg.kv_cache_values_per_token()
-    print(f"# KV cache per token: leanseek {engine.cache_bytes_per_token():,} bytes (latent), transformers "
-          f"{kv['mha'] * 4:,} bytes (keys and values of every head): {kv['mha'] / kv['mla']:.1f}x smaller")
-    print(f"{'sequences':>9} {'leanseek tok/s':>15} {'transformers tok/s':>19} {'speedup':>8}")
+    report = engines["eager"].memory_report()
+    print(f"# KV cache per token: leanseek {report['mla_bytes_per_token']:,} bytes (latent), standard attention "
+          f"with the same heads {report['mha_bytes_per_token']:,} bytes (transformers caches that): "
+          f"{report['reduction']:.1%} smaller")
+    print(f"{'sequences':>9} {'leanseek tok/s':>15} {'(eager)':>8} {'transformers tok/s':>19} {'speedup':>8}")
     for batch in batches:
         prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_len))
         new = batch * args.new_tokens
 
-        def run_ours():
+        def run(engine):
             outs = engine.generate(prompts.tolist(), max_new_tokens=args.new_tokens)
             assert all(len(o) == args.new_tokens for o in outs)
+            return outs
 
         def run_theirs():
             with torch.no_grad():
-                theirs.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.new_tokens,
-                                min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+                return theirs.generate(prompts, attention_mask=torch.ones_like(prompts),
+                                       max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                       do_sample=False, pad_token_id=0)[:, args.prompt_len:]
 
-        run_ours(), run_theirs()  # warm-up
-        t_ours = min(timed(run_ours) for _ in range(2))
+        # warm-up (and compilation), and a check that all three decode the same tokens
+        same = run(engines["compiled"]) == run(engines["eager"]) == run_theirs().tolist()
+        t_ours = min(timed(lambda: run(engines["compiled"])) for _ in range(2))
+        t_eager = min(timed(lambda: run(engines["eager"])) for _ in range(2))
         t_theirs = min(timed(run_theirs) for _ in range(2))
-        print(f"{batch:>9} {new / t_ours:>15,.0f} {new / t_theirs:>19,.0f} {t_theirs / t_ours:>7.2f}x")
+        print(f"{batch:>9} {new / t_ours:>15,.0f} {new / t_eager:>8,.0f} {new / t_theirs:>19,.0f} "
+              f"{t_theirs / t_ours:>7.2f}x{'' if same else '  (outputs differ)'}", flush=True)
 
 
 if __name__ == "__main__":

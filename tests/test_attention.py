@@ -18,9 +18,10 @@ def test_absorbed_equals_expanded(overrides):
     with torch.no_grad():
         expanded = attn(x, rope)
         c_kv, k_pe = attn.latents(x, rope)
-        absorbed = attn.forward_absorbed(x, rope, c_kv, k_pe)
+        kv = torch.cat([c_kv, k_pe], dim=-1)
+        absorbed = attn.forward_absorbed(x, rope, kv)
         # decoding: the last 3 tokens attend over a cache holding all 24 positions
-        tail = attn.forward_absorbed(x[:, -3:], rope[-3:], c_kv, k_pe)
+        tail = attn.forward_absorbed(x[:, -3:], rope[-3:], kv)
     assert (absorbed - expanded).abs().max() < 1e-5
     assert (tail - expanded[:, -3:]).abs().max() < 1e-5
     assert c_kv.shape[-1] + k_pe.shape[-1] == cfg.kv_lora_rank + cfg.qk_rope_head_dim  # what a cache holds

@@ -11,7 +11,7 @@ from leanseek import Engine
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return randomise(leanseek.Transformer(small_config(vocab_size=97)), seed=11)
+    return randomise(leanseek.Transformer(small_config(vocab_size=97, num_nextn_predict_layers=1)), seed=11)
 
 
 def reference_greedy(model, prompt, n):
@@ -62,5 +62,156 @@ def test_bad_requests_are_named(model):
         engine.generate([[1] * 10], max_new_tokens=7)
     with pytest.raises(ValueError, match="top_p=0"):
         engine.generate([[1]], max_new_tokens=4, top_p=0)
-    with pytest.raises(NotImplementedError, match="speculative"):
-        engine.generate([[1]], max_new_tokens=4, speculative=True)
+
+
+def test_speculative_greedy_equals_plain(model):
+    """MTP drafts (mostly wrong for random weights, so rejections and rollbacks are exercised) never change greedy
+    output; sequences join and leave, prompts are prefilled in chunks."""
+    assert len(model.mtp) == 1
+    engine = Engine(model, max_batch=2, max_len=64, prefill_chunk=5)
+    outs = engine.generate(PROMPTS, max_new_tokens=9, speculative=True)
+    assert outs == [reference_greedy(model, p, 9) for p in PROMPTS]
+    assert engine.stats["drafted"] > 0
+
+
+def drive(engine, prompts, between=None, **params):
+    """Run requests through submit/step, calling between(request) for each running one after every step."""
+    ids = [engine.submit(p, **params) for p in prompts]
+    outs = {i: [] for i in ids}
+    while engine.pending:
+        for o in engine.step():
+            outs[o.request] += o.tokens
+        for r in engine._running:
+            if between is not None:
+                between(r)
+    return [outs[i] for i in ids]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1e-4], ids=["fused-greedy", "sampling-path"])
+def test_speculative_drafts_are_the_mtp_modules(model, temperature):
+    """Every draft equals the argmax of the MTP head of a full forward pass (forward_train) at its position: the
+    MTP module's own latent cache, its pairing of hidden states with next tokens and its rollback are right, in
+    the one-pass greedy step and in the step that samples between the two models (a tiny temperature: greedy in
+    effect, but through sampling and the acceptance rule)."""
+    engine = Engine(model, max_batch=2, max_len=64, prefill_chunk=4)
+    seen = []  # (prompt, tokens generated so far, draft)
+    outs = drive(engine, PROMPTS[:3], lambda r: seen.append((tuple(r.prompt), len(r.output), r.draft)),
+                 max_new_tokens=8, speculative=True, temperature=temperature, seed=0)
+    assert outs == [reference_greedy(model, p, 8) for p in PROMPTS[:3]]
+    assert len([d for d in seen if d[2] is not None]) >= 3 * 3
+    with torch.no_grad():
+        for prompt, n, draft in seen:
+            if draft is None:  # one token left: nothing to draft
+                continue
+            out = outs[PROMPTS.index(list(prompt))]
+            mtp = model.forward_train(torch.tensor([list(prompt) + out])).mtp_hidden[0]  # i predicts token i + 2
+            assert draft == int(model.lm_head(mtp[0, len(prompt) + n - 2]).argmax())
+
+
+def test_speculative_accepted_drafts_commit_two_tokens(model):
+    """An oracle drafter that is right at every other step: the output is still the reference, accepted drafts
+    are counted, and each accepted step commits the draft plus a bonus token."""
+    engine = Engine(model, max_batch=4, max_len=64)
+    ref = {tuple(p): reference_greedy(model, p, 10) for p in PROMPTS}
+    calls = [0]
+
+    def oracle(r):
+        if r.draft is not None:
+            calls[0] += 1
+            truth = ref[tuple(r.prompt)][len(r.output)]
+            r.draft = truth if calls[0] % 2 else (truth + 1) % model.cfg.vocab_size
+
+    outs = drive(engine, PROMPTS, oracle, max_new_tokens=10, speculative=True)
+    assert outs == [ref[tuple(p)] for p in PROMPTS]
+    assert 0 < engine.stats["accepted"] < engine.stats["drafted"]
+    assert engine.acceptance_rate == engine.stats["accepted"] / engine.stats["drafted"]
+
+
+def test_speculative_sampling_keeps_the_distribution(model):
+    """The acceptance rule: draft d ~ q, accepted with probability min(1, p(d)/q(d)), else a token from
+    norm(max(0, p - q)). The tokens that come out follow p."""
+    from leanseek.infer.engine import _Request
+    from leanseek.infer.sampling import SamplingParams
+
+    engine = Engine(model, max_len=16)
+    V = model.cfg.vocab_size
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(V, generator=g) * 2
+    q = (torch.randn(V, generator=g) * 2).softmax(-1)
+    p = logits.softmax(-1)
+    r = _Request(0, [1], SamplingParams(temperature=1.0), False, torch.Generator().manual_seed(1))
+    n, counts = 40000, torch.zeros(V)
+    drafts = torch.multinomial(q, n, replacement=True, generator=g).tolist()
+    for d in drafts:
+        r.draft, r.draft_probs = d, q
+        counts[engine._verify(r, logits)[1]] += 1
+    assert (counts / n - p).abs().max() < 0.01
+    assert (counts / n - q).abs().max() > 0.05  # the draft distribution alone would fail
+
+
+def test_speculative_sampling_is_seeded(model):
+    engine = Engine(model, max_batch=2, max_len=64)
+    kw = dict(max_new_tokens=10, temperature=0.8, top_k=20, seed=5, speculative=True)
+    a = engine.generate(PROMPTS[:2], **kw)
+    assert a == engine.generate(PROMPTS[:2], **kw)
+    assert all(len(o) == 10 for o in a)
+
+
+def test_a_failing_request_does_not_disturb_the_others(model):
+    """A stop-string check that raises for one request (its tokenizer breaks on one token): that request ends
+    with the error, the others give what they give alone."""
+    ref = [reference_greedy(model, p, 8) for p in PROMPTS]
+    poison = ref[1][3]
+
+    class Tokenizer:
+        def decode(self, ids):
+            if poison in ids:
+                raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+            return " ".join(map(str, ids))
+
+    engine = Engine(model, Tokenizer(), max_batch=2, max_len=64)
+    ids = [engine.submit(p, max_new_tokens=8, stop=["never"] if i == 1 else None) for i, p in enumerate(PROMPTS)]
+    outs, errors = {i: [] for i in ids}, {}
+    while engine.pending:
+        for o in engine.step():
+            outs[o.request] += o.tokens
+            if o.error:
+                errors[o.request] = o.error
+    assert list(errors) == [ids[1]] and "UnicodeDecodeError" in errors[ids[1]]
+    assert outs[ids[1]] == ref[1][:4]
+    assert [outs[i] for i in ids if i != ids[1]] == [r for j, r in enumerate(ref) if j != 1]
+    with pytest.raises(leanseek.infer.engine.GenerationError, match="request 1: UnicodeDecodeError") as e:
+        engine.generate(PROMPTS, max_new_tokens=8, stop=["never"])
+    assert e.value.outputs[0] == ref[0] and e.value.outputs[1] == ref[1][:4]
+
+
+def test_cancel_frees_the_slot(model):
+    engine = Engine(model, max_batch=1, max_len=64)
+    a = engine.submit(PROMPTS[0], max_new_tokens=50)
+    b = engine.submit(PROMPTS[1], max_new_tokens=3)
+    engine.step()
+    assert engine.cancel(a) and not engine.cancel(a)
+    got = []
+    while engine.pending:
+        got += [t for o in engine.step() if o.request == b for t in o.tokens]
+    assert got == reference_greedy(model, PROMPTS[1], 3)
+
+
+def test_memory_report(model):
+    cfg = model.cfg
+    report = Engine(model, max_batch=2, max_len=32).memory_report()
+    assert report["mla_bytes_per_token"] == cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+    assert report["mha_bytes_per_token"] == (cfg.num_hidden_layers * cfg.num_attention_heads
+                                             * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * 4)
+    assert report["mla_cache_bytes"] == report["mla_bytes_per_token"] * 64
+
+
+def test_compiled_decoding_equals_eager(model):
+    """Engine(compile=True): fixed-shape decode steps (padded batch, attention over the whole cache, latents
+    stored after the pass) give the eager engine's tokens, plain and speculative, greedy and seeded sampling."""
+    compiled = Engine(model, max_batch=1, max_len=48, compile=True)
+    eager = Engine(model, max_batch=1, max_len=48)
+    for kw in [dict(), dict(speculative=True), dict(temperature=0.9, top_p=0.9, seed=1)]:
+        assert compiled.generate(PROMPTS[:3], max_new_tokens=6, **kw) == eager.generate(PROMPTS[:3],
+                                                                                         max_new_tokens=6, **kw)
+    assert compiled.stats == eager.stats

@@ -1,10 +1,12 @@
 """DeepSeekMoE routing and expert computation against direct, token-by-token definitions."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import randomise, small_config
 
 import leanseek
+from leanseek.model import moe as moe_module
 from leanseek.model.moe import MoE, Router
 
 
@@ -52,11 +54,16 @@ def test_v2_softmax_routing():
     assert router.e_score_correction_bias is None
 
 
-def test_moe_matches_token_by_token_definition():
-    """Eq. 12: shared experts plus the gated sum of each token's chosen experts, computed one token at a time."""
+@pytest.mark.parametrize("tokens, dispatch_macs, path", [(2, 3_000_000, "gathered"), (21, 3_000_000, "dense"),
+                                                         (21, 0, "grouped")])
+def test_moe_matches_token_by_token_definition(tokens, dispatch_macs, path, monkeypatch):
+    """Eq. 12: shared experts plus the gated sum of each token's chosen experts, computed one token at a time;
+    for each way the experts run at inference."""
+    monkeypatch.setattr(moe_module, "DISPATCH_MACS", dispatch_macs)
     cfg = small_config(n_shared_experts=2)
     moe: MoE = randomise(leanseek.Transformer(cfg), 4).layers[1].mlp
-    x = torch.randn(3, 7, cfg.hidden_size)
+    assert moe.experts.inference_path(tokens) == path
+    x = torch.randn(1, tokens, cfg.hidden_size)
     with torch.no_grad():
         y, routing = moe(x)
         flat = x.reshape(-1, cfg.hidden_size)

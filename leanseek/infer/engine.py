@@ -1,131 +1,302 @@
-"""The inference engine: a latent KV cache with a slot per running sequence, chunked prefill, batched decode, and
-continuous batching (a waiting request takes the slot of one that finished, between decode steps).
+"""The inference engine: a latent KV cache with a slot per running sequence, chunked prefill, batched decode,
+continuous batching (a waiting request takes the slot of one that finished, between decode steps), and MTP
+self-speculative decoding.
 
     engine = Engine(model, tokenizer)
     outs = engine.generate([[1, 2, 3], [4, 5]], max_new_tokens=64, temperature=0.0)
     for token in engine.stream([1, 2, 3], max_new_tokens=16): ...
+
+A server drives it one step at a time: `submit` a request (validated at once), call `step` for what each running
+request produced, `cancel` a request whose client left. A request that fails while running ends with its error;
+the others carry on.
+
+Speculative decoding (V3 report section 2.2, "MTP in Inference"): the MTP module drafts the token after next from
+the main model's last hidden state; the next step feeds [last token, draft] through the main model at once and
+keeps the draft when the main model agrees (greedy) or by the speculative-sampling rule (Leviathan et al. 2023),
+which leaves the sampled distribution exactly the model's. Either way one or two tokens come out of each forward.
 """
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
+from ..model.moe import Experts
 from ..model.transformer import Transformer
 from .cache import LatentCache
-from .sampling import SamplingParams, apply_penalties, sample
+from .sampling import SamplingParams, apply_penalties, distribution, sample
+
+
+class GenerationError(RuntimeError):
+    """Some requests of a generate() call failed while running. The others finished: `outputs` holds every
+    request's tokens (the failed ones up to the failure), `errors` the message of each failed request."""
+
+    def __init__(self, errors: dict[int, str], outputs: list[list[int]]):
+        self.errors, self.outputs = errors, outputs
+        super().__init__("; ".join(f"request {i}: {e}" for i, e in errors.items()))
+
+
+@dataclass
+class Output:
+    """What one engine step produced for one request."""
+
+    request: int  # the id submit() returned
+    tokens: list[int]
+    finished: bool = False
+    error: str | None = None  # set when the request failed (it is then finished)
 
 
 @dataclass
 class _Request:
-    index: int
+    id: int
     prompt: list[int]
     params: SamplingParams
+    speculative: bool
     generator: torch.Generator | None
     slot: int = -1
     output: list[int] = field(default_factory=list)
+    sent: int = 0  # how much of output has been reported
     counts: torch.Tensor | None = None  # how often each token was generated (frequency/presence penalties)
+    draft: int | None = None  # MTP's guess at the token after output[-1]
+    draft_probs: torch.Tensor | None = None  # the distribution the draft was sampled from (None: greedy)
+
+
+# The forward passes of a decode step. Engine(compile=True) compiles them with fixed shapes; each returns, last,
+# the latents its CacheSteps collected (empty when they wrote directly), for Engine._call to store.
+
+def _decode_fn(model: Transformer, ids: torch.Tensor, at):
+    """The main model on tokens ids [B, T]: its normed hidden states and logits."""
+    h = model.step(ids, at)
+    return h, model.lm_head(h), at.written
+
+
+def _draft_fn(model: Transformer, hidden: torch.Tensor, ids: torch.Tensor, at):
+    """The MTP module on the main model's hidden states [B, T, d] paired with the tokens after them: its logits."""
+    return model.lm_head(model.mtp_step(hidden, ids, at)[1]), at.written
+
+
+def _greedy_speculative_fn(model: Transformer, ids: torch.Tensor, at, draft_at):
+    """A greedy speculative step in one pass, ids [B, 2] = [last token, draft]. The main model's choices
+    top [B, 2] (after the last token, after the draft) settle everything: the draft stands if top[:, 0] equals
+    it, and the MTP module's pairs are then (h_0, draft = top_0), (h_1, top_1), or else (h_0, top_0) and a
+    placeholder; so the next drafts [B, 2] (after each pair) come out of the same pass."""
+    h = model.step(ids, at)
+    top = model.lm_head(h).argmax(-1)
+    drafts = model.lm_head(model.mtp_step(h, top, draft_at)[1]).argmax(-1)
+    return top, drafts, at.written, draft_at.written
 
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
-                 prefill_chunk: int = 512):
+                 prefill_chunk: int = 512, compile: bool = False):
+        """max_batch sequences run at once, each up to max_len tokens (prompt and output). compile: run decode
+        steps through torch.compile, which takes a while on first use and then removes most per-step overhead."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.cfg = model.cfg
         self.max_len = max_len or self.cfg.max_position_embeddings
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         weight = model.lm_head.weight
-        self.device = weight.device
-        self.cache = LatentCache(self.cfg, max_batch, self.max_len, self.device, weight.dtype)
+        self.device, self.dtype = weight.device, weight.dtype
+        self.cache = LatentCache(self.cfg, max_batch, self.max_len, self.device, self.dtype)
+        self.draft_cache: LatentCache | None = None  # the MTP module's own, made by the first speculative request
+        self.stats = {"drafted": 0, "accepted": 0}
+        # compiled decode steps have fixed shapes: padded to a power-of-two batch, attending over the whole cache
+        self._compiled = None
+        experts = [m for m in model.modules() if isinstance(m, Experts)]
+        self._experts = experts[0] if experts else None
+        if compile:  # one graph per power-of-two batch, for 1 and 2 tokens a step
+            graphs = 2 * max_batch.bit_length()
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
+            self._compiled = {fn: torch.compile(fn, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
+                              for fn in (_decode_fn, _draft_fn, _greedy_speculative_fn)}
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Request] = []
+        self._free = list(range(max_batch - 1, -1, -1))
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------------------------------ reports
 
     def cache_bytes_per_token(self) -> int:
         """Bytes the cache holds per token: num_hidden_layers x (kv_lora_rank + qk_rope_head_dim) values."""
         return self.cache.bytes_per_token()
 
+    def memory_report(self) -> dict[str, float]:
+        """The latent cache against what standard multi-head attention with the same heads and head sizes would
+        cache (every head's key and value), per token and for the engine's max_batch x max_len."""
+        values = self.cfg.kv_cache_values_per_token()
+        size = self.cache.kv.element_size()
+        tokens = self.max_batch * self.max_len
+        return {"mla_bytes_per_token": values["mla"] * size, "mha_bytes_per_token": values["mha"] * size,
+                "mla_cache_bytes": values["mla"] * size * tokens, "mha_cache_bytes": values["mha"] * size * tokens,
+                "reduction": 1 - values["mla"] / values["mha"]}
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """The fraction of MTP drafts the main model accepted so far (None before any)."""
+        return self.stats["accepted"] / self.stats["drafted"] if self.stats["drafted"] else None
+
+    # ------------------------------------------------------------------------------------------ the API
+
     def generate(self, prompts: list[list[int]], **params) -> list[list[int]]:
-        """New tokens for each prompt (token id lists). Keyword arguments are SamplingParams fields; `stop` may
-        hold token ids and strings (strings need the tokenizer)."""
+        """New tokens for each prompt (token id lists). Keyword arguments are SamplingParams fields, plus `stop`
+        (token ids and strings; strings need the tokenizer) and `speculative`. Bad input raises ValueError
+        before anything runs; failures while running raise GenerationError once the others have finished."""
+        requests = [self._request(p, params, f"request {i}") for i, p in enumerate(prompts)]
+        index = {r.id: i for i, r in enumerate(requests)}
         outs: list[list[int]] = [[] for _ in prompts]
-        for index, token in self._run(prompts, params):
-            outs[index].append(token)
+        errors: dict[int, str] = {}
+        self._waiting.extend(requests)
+        left = len(requests)
+        try:
+            while left:
+                for o in self.step():
+                    i = index.get(o.request)
+                    if i is None:  # someone else's request
+                        continue
+                    outs[i].extend(o.tokens)
+                    if o.error:
+                        errors[i] = o.error
+                    left -= o.finished
+        finally:
+            for r in requests:
+                self.cancel(r.id)
+        if errors:
+            raise GenerationError(errors, outs)
         return outs
 
     def stream(self, prompt: list[int], **params) -> Iterator[int]:
         """Yield one prompt's new tokens as they are produced."""
-        for _, token in self._run([prompt], params):
-            yield token
+        r = self._request(prompt, params, "the request")
+        self._waiting.append(r)
+        try:
+            while True:
+                for o in self.step():
+                    if o.request != r.id:
+                        continue
+                    yield from o.tokens
+                    if o.error:
+                        raise GenerationError({0: o.error}, [r.output])
+                    if o.finished:
+                        return
+        finally:
+            self.cancel(r.id)
 
-    # ------------------------------------------------------------------------------------------ scheduling
+    def submit(self, prompt: list[int], **params) -> int:
+        """Queue a request; returns its id. Raises ValueError naming the problem for bad input."""
+        r = self._request(prompt, params, "the request")
+        self._waiting.append(r)
+        return r.id
 
-    def _requests(self, prompts: list[list[int]], params: dict) -> list[_Request]:
-        stop = params.pop("stop", None) or []
-        ids = [s for s in stop if isinstance(s, int)]
-        strings = [s for s in stop if isinstance(s, str)]
-        if strings and self.tokenizer is None:
-            raise ValueError("stop strings need the engine's tokenizer: Engine(model, tokenizer)")
-        if params.pop("speculative", False):
-            raise NotImplementedError("MTP speculative decoding is not in the engine yet")
-        requests = []
-        for i, prompt in enumerate(prompts):
-            p = SamplingParams(**{**params, "stop_token_ids": ids, "stop": strings})
-            if not prompt:
-                raise ValueError(f"request {i}: the prompt is empty")
-            bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
-            if bad:
-                raise ValueError(f"request {i}: token ids {bad[:5]} are outside the vocabulary "
-                                 f"(0..{self.cfg.vocab_size - 1})")
-            if len(prompt) + p.max_new_tokens > self.max_len:
-                raise ValueError(f"request {i}: prompt ({len(prompt)} tokens) + max_new_tokens ({p.max_new_tokens}) "
-                                 f"exceeds the context of {self.max_len}")
-            g = torch.Generator(self.device).manual_seed(p.seed) if p.seed is not None else None
-            requests.append(_Request(i, list(prompt), p, g))
-        return requests
+    def cancel(self, request: int) -> bool:
+        """Drop a waiting or running request (its slot is free for the next); False if it is not here."""
+        for r in self._waiting:
+            if r.id == request:
+                self._waiting.remove(r)
+                return True
+        for r in self._running:
+            if r.id == request:
+                self._release(r)
+                return True
+        return False
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting or running."""
+        return len(self._waiting) + len(self._running)
 
     @torch.no_grad()
-    def _run(self, prompts: list[list[int]], params: dict) -> Iterator[tuple[int, int]]:
-        waiting = deque(self._requests(prompts, dict(params)))
-        active: list[_Request] = []
-        free = list(range(self.max_batch - 1, -1, -1))
-        while waiting or active:
-            while waiting and free:  # join: prefill into a free slot
-                r = waiting.popleft()
-                r.slot = free.pop()
-                self.cache.lengths[r.slot] = 0
-                r.counts = torch.zeros(self.cfg.vocab_size, device=self.device)
-                for start in range(0, len(r.prompt), self.prefill_chunk):
-                    chunk = torch.tensor([r.prompt[start:start + self.prefill_chunk]], device=self.device)
-                    logits = self.model.step(chunk, [r.slot], self.cache)
-                token = self._next(r, logits[0, -1])
-                yield r.index, token
-                if self._finished(r):
-                    free.append(r.slot)
-                else:
-                    active.append(r)
-            if not active:
-                continue
-            ids = torch.tensor([[r.output[-1]] for r in active], device=self.device)
-            logits = self.model.step(ids, [r.slot for r in active], self.cache)[:, -1]
-            still = []
-            for r, row in zip(active, logits):
-                yield r.index, self._next(r, row)
-                if self._finished(r):  # leave: the slot is free for the next waiting request
-                    free.append(r.slot)
-                else:
-                    still.append(r)
-            active = still
+    def step(self) -> list[Output]:
+        """Admit waiting requests into free slots (prefill, first token), then one decode step for the running
+        ones: a token each, or one or two for speculative ones."""
+        outs: list[Output] = []
+        while self._waiting and self._free:
+            r = self._waiting.popleft()
+            r.slot = self._free.pop()
+            self._running.append(r)
+            self._guarded([r], outs, lambda r=r: self._prefill(r, outs))
+        plain = [r for r in self._running if r.draft is None]
+        if plain:
+            self._guarded(plain, outs, lambda: self._decode_plain(plain, outs))
+        drafted = [r for r in self._running if r.draft is not None]
+        if drafted:
+            self._guarded(drafted, outs, lambda: self._decode_speculative(drafted, outs))
+        return outs
 
-    def _next(self, r: _Request, logits: torch.Tensor) -> int:
-        p = r.params
-        if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
-            logits = apply_penalties(logits, torch.tensor(r.prompt + r.output, device=self.device), r.counts, p)
-        token = sample(logits, p, r.generator)
-        r.output.append(token)
-        r.counts[token] += 1
-        return token
+    # ------------------------------------------------------------------------------------------ requests
+
+    def _request(self, prompt: list[int], params: dict, name: str) -> _Request:
+        params = dict(params)
+        stop = params.pop("stop", None) or []
+        if isinstance(stop, (str, int)):
+            stop = [stop]
+        if any(not isinstance(s, (str, int)) for s in stop):
+            raise ValueError(f"{name}: stop must hold token ids and strings, got {stop!r}")
+        speculative = bool(params.pop("speculative", False))
+        try:
+            p = SamplingParams(**params, stop_token_ids=[s for s in stop if isinstance(s, int)],
+                               stop=[s for s in stop if isinstance(s, str)])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name}: {e}") from None
+        if p.stop and self.tokenizer is None:
+            raise ValueError(f"{name}: stop strings need the engine's tokenizer: Engine(model, tokenizer)")
+        if not prompt:
+            raise ValueError(f"{name}: the prompt is empty")
+        try:
+            prompt = [operator.index(t) for t in prompt]
+        except TypeError:
+            raise ValueError(f"{name}: the prompt must be a list of token ids (integers)") from None
+        bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"{name}: token ids {bad[:5]} are outside the vocabulary (0..{self.cfg.vocab_size - 1})")
+        if len(prompt) >= self.max_len:
+            raise ValueError(f"{name}: the prompt ({len(prompt)} tokens) leaves no room in the context of "
+                             f"{self.max_len}")
+        if len(prompt) + p.max_new_tokens > self.max_len:
+            raise ValueError(f"{name}: prompt ({len(prompt)} tokens) + max_new_tokens ({p.max_new_tokens}) "
+                             f"exceeds the context of {self.max_len}")
+        if speculative and not len(self.model.mtp):
+            raise ValueError(f"{name}: speculative decoding drafts with an MTP module, and this model has none "
+                             "(num_nextn_predict_layers=0)")
+        g = torch.Generator(self.device).manual_seed(p.seed) if p.seed is not None else None
+        return _Request(next(self._ids), list(prompt), p, speculative, g)
+
+    def _guarded(self, requests: list[_Request], outs: list[Output], work) -> None:
+        """Run `work` for these requests; if it fails, they end with the error and the engine carries on."""
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001 - whatever broke, it is reported on the requests it broke
+            for r in requests:
+                if r in self._running:
+                    self._release(r)
+                    outs.append(self._report(r, True, f"{type(e).__name__}: {e}"))
+
+    def _release(self, r: _Request) -> None:
+        self._running.remove(r)
+        self._free.append(r.slot)
+        r.draft = r.draft_probs = None
+
+    def _report(self, r: _Request, finished: bool = False, error: str | None = None) -> Output:
+        out = Output(r.id, r.output[r.sent:], finished, error)
+        r.sent = len(r.output)
+        return out
+
+    def _emit(self, r: _Request, tokens: list[int], outs: list[Output]) -> None:
+        """Commit new tokens up to a stop; report them; free the slot of a finished request."""
+        for token in tokens:
+            r.output.append(token)
+            if r.counts is not None:
+                r.counts[token] += 1
+            if self._finished(r):
+                outs.append(self._report(r, True))
+                self._release(r)
+                return
+        outs.append(self._report(r))
 
     def _finished(self, r: _Request) -> bool:
         p = r.params
@@ -135,3 +306,188 @@ class Engine:
             text = self.tokenizer.decode(r.output[-16:])  # stop strings end in the last few tokens
             return any(s in text for s in p.stop)
         return False
+
+    # ------------------------------------------------------------------------------------------ choosing tokens
+
+    def _logits(self, r: _Request, logits: torch.Tensor) -> torch.Tensor:
+        """The request's penalties applied to logits [V]."""
+        p = r.params
+        if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+            if r.counts is None:
+                r.counts = torch.zeros(self.cfg.vocab_size, device=self.device)
+                for t in r.output:
+                    r.counts[t] += 1
+            logits = apply_penalties(logits, torch.tensor(r.prompt + r.output, device=self.device), r.counts, p)
+        return logits
+
+    def _choose(self, r: _Request, logits: torch.Tensor) -> int:
+        return sample(self._logits(r, logits), r.params, r.generator)
+
+    def _propose(self, r: _Request, logits: torch.Tensor) -> None:
+        """Draft the token after r.output[-1] from MTP logits [V], processed as the main model's will be."""
+        logits = self._logits(r, logits)
+        if r.params.greedy:
+            r.draft, r.draft_probs = int(logits.argmax()), None
+        else:
+            r.draft_probs = distribution(logits, r.params)
+            r.draft = int(torch.multinomial(r.draft_probs, 1, generator=r.generator))
+
+    def _verify(self, r: _Request, logits: torch.Tensor) -> tuple[bool, int]:
+        """Check the draft against the main model's logits [V] at its position: (accepted, the token there)."""
+        d, q = r.draft, r.draft_probs
+        logits = self._logits(r, logits)
+        if q is None:
+            token = int(logits.argmax())
+            return token == d, token
+        p = distribution(logits, r.params)
+        u = torch.rand((), generator=r.generator, device=self.device)
+        if u * q[d] < p[d]:  # accept with probability min(1, p(d) / q(d))
+            return True, d
+        residual = (p - q).clamp_(min=0)  # otherwise draw from norm(max(0, p - q))
+        return False, int(torch.multinomial(residual if residual.sum() > 0 else p, 1, generator=r.generator))
+
+    # ------------------------------------------------------------------------------------------ forward passes
+
+    def _pad(self, B: int, T: int) -> int | None:
+        """The batch a compiled decode step runs at (a power of two), or None to run eagerly: compiled while the
+        experts' path for that many tokens has no data-dependent shapes (Experts.inference_path)."""
+        if self._compiled is None:
+            return None
+        pad = 1 << (B - 1).bit_length()
+        static = self._experts is None or self._experts.inference_path(pad * T) != "grouped"
+        return pad if static else None
+
+    def _tokens(self, ids: list[list[int]], pad: int | None) -> torch.Tensor:
+        return torch.tensor(ids + [[0] * len(ids[0])] * ((pad or 0) - len(ids)), device=self.device)
+
+    def _call(self, fn, steps: list, *args) -> tuple:
+        """fn(model, *args, *steps), compiled when the steps have fixed shapes; then the latents are stored and
+        the cache positions counted."""
+        out = (self._compiled[fn] if steps[0].fixed else fn)(self.model, *args, *steps)
+        for at, written in zip(steps, out[-len(steps):]):
+            at.store(written)
+            at.advance()
+        return out[: -len(steps)]
+
+    def _prefill(self, r: _Request, outs: list[Output]) -> None:
+        self.cache.lengths[r.slot] = 0
+        hidden = []
+        for start in range(0, len(r.prompt), self.prefill_chunk):
+            chunk = r.prompt[start:start + self.prefill_chunk]
+            at = self.cache.step([r.slot], len(chunk))
+            h = self.model.step(torch.tensor([chunk], device=self.device), at)
+            at.advance()
+            if r.speculative:
+                hidden.append(h)
+        self._emit(r, [self._choose(r, self.model.lm_head(h[0, -1]))], outs)
+        if r.speculative and r in self._running:
+            self._prefill_draft(r, torch.cat(hidden, dim=1))
+
+    def _prefill_draft(self, r: _Request, hidden: torch.Tensor) -> None:
+        """The MTP module over the prompt: position i pairs the main hidden state with token i+1 (the last with
+        the first generated token); its last output drafts the token after that."""
+        if self.draft_cache is None:
+            self.draft_cache = LatentCache(self.cfg, self.max_batch, self.max_len, self.device, self.dtype, layers=1)
+        self.draft_cache.lengths[r.slot] = 0
+        following = r.prompt[1:] + r.output[-1:]
+        for start in range(0, len(following), self.prefill_chunk):
+            chunk = following[start:start + self.prefill_chunk]
+            at = self.draft_cache.step([r.slot], len(chunk))
+            _, normed = self.model.mtp_step(hidden[:, start:start + len(chunk)],
+                                            torch.tensor([chunk], device=self.device), at)
+            at.advance()
+        self._propose(r, self.model.lm_head(normed[0, -1]))
+        self._drop_draft_if_last(r)
+
+    def _drop_draft_if_last(self, r: _Request) -> None:
+        """With one token left to generate, a draft has nothing to add (and could run past the context)."""
+        if len(r.output) + 1 >= r.params.max_new_tokens:
+            r.draft = r.draft_probs = None
+
+    @staticmethod
+    def _plain_greedy(r: _Request) -> bool:
+        p = r.params
+        return p.greedy and p.repetition_penalty == 1.0 and not (p.frequency_penalty or p.presence_penalty)
+
+    def _decode_plain(self, batch: list[_Request], outs: list[Output]) -> None:
+        pad = self._pad(len(batch), 1)
+        at = self.cache.step([r.slot for r in batch], 1, pad)
+        _, logits = self._call(_decode_fn, [at], self._tokens([[r.output[-1]] for r in batch], pad))
+        logits = logits[: len(batch), -1]
+        top = logits.argmax(-1).tolist()  # one call for all greedy rows without penalties
+        for r, row, best in zip(batch, logits, top):
+            self._guarded([r], outs, lambda r=r, row=row, best=best: self._emit(
+                r, [best if self._plain_greedy(r) else self._choose(r, row)], outs))
+
+    def _decode_speculative(self, batch: list[_Request], outs: list[Output]) -> None:
+        greedy = [r for r in batch if self._plain_greedy(r)]
+        if greedy:
+            self._guarded(greedy, outs, lambda: self._speculate_greedy(greedy, outs))
+        sampled = [r for r in batch if not self._plain_greedy(r)]
+        if sampled:
+            self._guarded(sampled, outs, lambda: self._speculate(sampled, outs))
+
+    def _speculate_greedy(self, batch: list[_Request], outs: list[Output]) -> None:
+        pad = self._pad(len(batch), 2)
+        slots = [r.slot for r in batch]
+        steps = [self.cache.step(slots, 2, pad), self.draft_cache.step(slots, 2, pad)]
+        top, drafts = self._call(_greedy_speculative_fn, steps,
+                                 self._tokens([[r.output[-1], r.draft] for r in batch], pad))
+        for r, (t0, t1), (d0, d1) in zip(batch, top.tolist(), drafts.tolist()):
+            ok = t0 == r.draft
+            self.stats["drafted"] += 1
+            self.stats["accepted"] += ok
+            if not ok:  # the draft's position and the placeholder pair are rolled back
+                self.cache.lengths[r.slot] -= 1
+                self.draft_cache.lengths[r.slot] -= 1
+            r.draft = None
+            self._guarded([r], outs, lambda r=r, new=[t0, t1] if ok else [t0]: self._emit(r, new, outs))
+            if r in self._running:
+                r.draft = d1 if ok else d0
+                self._drop_draft_if_last(r)
+
+    def _speculate(self, batch: list[_Request], outs: list[Output]) -> None:
+        """Speculative steps that need Python between the main model and the MTP module: sampling, penalties."""
+        pad = self._pad(len(batch), 2)
+        at = self.cache.step([r.slot for r in batch], 2, pad)
+        h, logits = self._call(_decode_fn, [at], self._tokens([[r.output[-1], r.draft] for r in batch], pad))
+        accepted = []
+        for r, rows in zip(batch, logits):
+            self._guarded([r], outs, lambda r=r, rows=rows: accepted.append((r, self._accept(r, rows, outs))))
+        # the MTP module continues from every committed position: after an accepted draft, the pairs (h of the
+        # last token, draft) and (h of the draft, bonus token); after a rejection only the first pair counts, so
+        # the second (a placeholder) is rolled back like the main cache's rejected position
+        for r, ok in accepted:
+            if not ok:
+                self.cache.lengths[r.slot] -= 1
+        keep = [(r, ok) for r, ok in accepted if r in self._running]
+        if not keep:
+            return
+        index = torch.tensor([batch.index(r) for r, _ in keep], device=self.device)
+        pad = self._pad(len(keep), 2)
+        hidden = h.index_select(0, index)
+        if pad is not None and pad > len(keep):
+            hidden = torch.cat([hidden, hidden.new_zeros(pad - len(keep), *hidden.shape[1:])])
+        at = self.draft_cache.step([r.slot for r, _ in keep], 2, pad)
+        (draft_logits,) = self._call(_draft_fn, [at], hidden,
+                                     self._tokens([r.output[-2:] if ok else r.output[-1:] * 2 for r, ok in keep], pad))
+        for row, (r, ok) in zip(draft_logits, keep):
+            if not ok:
+                self.draft_cache.lengths[r.slot] -= 1
+            self._guarded([r], outs, lambda r=r, row=row, ok=ok: (self._propose(r, row[int(ok)]),
+                                                                  self._drop_draft_if_last(r)))
+
+    def _accept(self, r: _Request, logits: torch.Tensor, outs: list[Output]) -> bool:
+        """Verify r's draft against the main model's logits [2, V] for [last token, draft]; commit the tokens that
+        stand (the draft and a bonus token after it, or the main model's own token instead of it)."""
+        self.stats["drafted"] += 1
+        ok, token = self._verify(r, logits[0])
+        r.draft = r.draft_probs = None
+        if not ok:
+            self._emit(r, [token], outs)
+            return False
+        self.stats["accepted"] += 1
+        self._emit(r, [token], outs)
+        if r in self._running:
+            self._emit(r, [self._choose(r, logits[1])], outs)
+        return True

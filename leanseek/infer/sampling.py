@@ -73,9 +73,13 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_
     return logits
 
 
+def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The probabilities [V] that sampling draws from (temperature > 0): temperature, then the filters."""
+    return filter_logits(logits.float() / params.temperature, params.top_k, params.top_p, params.min_p).softmax(-1)
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
     """One token id from logits [V] (penalties already applied)."""
     if params.greedy:
         return int(logits.argmax())
-    logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p, params.min_p)
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+    return int(torch.multinomial(distribution(logits, params), 1, generator=generator))

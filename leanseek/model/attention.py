@@ -76,25 +76,27 @@ class MLA(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # Eq. 10
         return self.o_proj(o[..., :dv].transpose(1, 2).flatten(2))
 
-    def forward_absorbed(self, x: torch.Tensor, rope: torch.Tensor, c_kv: torch.Tensor,
-                         k_pe: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Attend from the new tokens x [B, T, d] over latents c_kv [B, S, dc] and k_pe [B, S, dr] (a cache that
-        already holds x's own latents at its last T positions).
+    def forward_absorbed(self, x: torch.Tensor, rope: torch.Tensor, kv: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend from the new tokens x [B, T, d] over cached latents kv [B, S, dc + dr] = [c^KV; k^R] per position
+        (a cache that already holds x's own latents at its last T positions).
 
-        mask: boolean, broadcastable to [B, T, S], True where a query may attend; None means causal, with the T
-        queries at positions S-T .. S-1. Returns [B, T, d].
+        bias: additive attention mask broadcastable to [B, 1, T, S] (0 where a query may attend, -inf where not);
+        None means causal, with the T queries at positions S-T .. S-1. Returns [B, T, d].
+
+        Every head's query is [q^C W^UK_h; q^R], so one batched matmul against [c^KV; k^R] gives all the scores
+        (Eq. 10 with Eqs. 2 and 4 folded in), and the values are c^KV itself until W^UV_h and W^O (Eqs. 5, 11).
         """
-        T, S = x.shape[1], c_kv.shape[1]
-        w = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.dc)
-        w_uk, w_uv = w[:, : self.dn], w[:, self.dn:]
-        q_nope, q_pe = self.queries(x, rope).split([self.dn, self.dr], dim=-1)
-        q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # W^UK absorbed into the query
-        scores = (torch.einsum("bthc,bsc->bhts", q_latent, c_kv)
-                  + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)) * self.scale
-        if mask is None:
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-        scores = scores.masked_fill(~mask.unsqueeze(-3), float("-inf"))
-        probs = scores.float().softmax(dim=-1).to(x.dtype)
-        o_latent = torch.einsum("bhts,bsc->bthc", probs, c_kv)
-        o = torch.einsum("bthc,hvc->bthv", o_latent, w_uv)  # W^UV absorbed before W^O
-        return self.o_proj(o.flatten(2))
+        B, T, _ = x.shape
+        S, H, dn, dc = kv.shape[1], self.n_heads, self.dn, self.dc
+        w = self.kv_b_proj.weight.view(H, dn + self.dv, dc)
+        q = self.queries(x, rope).view(B * T, H, dn + self.dr).transpose(0, 1)  # [H, BT, dn + dr]
+        q_latent = torch.bmm(q[..., :dn], w[:, :dn])  # [H, BT, dc]: W^UK absorbed into the query
+        q = torch.cat([q_latent, q[..., dn:]], dim=-1).view(H, B, T, -1).transpose(0, 1)  # [B, H, T, dc + dr]
+        scores = torch.bmm(q.reshape(B, H * T, -1), kv.transpose(1, 2)).view(B, H, T, S).mul_(self.scale)
+        if bias is None:
+            bias = torch.full((T, S), float("-inf"), device=x.device).triu_(S - T + 1)
+        probs = scores.float().add_(bias).softmax(dim=-1).to(x.dtype).view(B, H * T, S)
+        o_latent = torch.bmm(probs, kv[..., :dc]).view(B, H, T, dc).transpose(0, 1).reshape(H, B * T, dc)
+        o = torch.bmm(o_latent, w[:, dn:].transpose(1, 2))  # [H, BT, dv]: W^UV absorbed before W^O
+        return self.o_proj(o.transpose(0, 1).reshape(B, T, H * self.dv))

@@ -7,7 +7,7 @@ through its own decoder block. The embedding and output head are the main model'
 import torch
 from torch import nn
 
-from .block import Block
+from .block import Attend, Block
 from .config import ModelConfig
 from .moe import Routing
 from .norm import RMSNorm
@@ -24,10 +24,10 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, moe=True)  # TRM_k (Eq. 22); always MoE, as in DeepSeek-V3
         self.shared_head_norm = RMSNorm(d, cfg.rms_norm_eps)  # applied before the shared output head (Eq. 23)
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor,
-                rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Routing]:
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, rope: torch.Tensor,
+                attend: Attend | None = None) -> tuple[torch.Tensor, torch.Tensor, Routing]:
         """h [B, T', d] (depth k-1 at positions i), emb [B, T', d] (tokens i+k) -> h^k [B, T', d] for the next
-        depth, h^k normalised for the shared output head, and the block's routing."""
+        depth, h^k normalised for the shared output head, and the block's routing. attend: as in Block."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
-        h, routing = self.block(x, rope)
+        h, routing = self.block(x, rope, attend)
         return h, self.shared_head_norm(h), routing

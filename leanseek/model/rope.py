@@ -56,13 +56,20 @@ class Rotary(nn.Module):
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         angles = positions.float()[..., None] * self.inv_freq
+        if torch.compiler.is_compiling():  # inductor generates no code for complex numbers: (cos, sin) pairs
+            return torch.stack([angles.cos(), angles.sin()], dim=-1).flatten(-2)
         return torch.polar(torch.ones_like(angles), angles)
 
 
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Rotate the interleaved pairs (x_2i, x_2i+1) of x [..., dr] as complex numbers x_2i + i x_2i+1 by
-    `rotation` (complex, broadcastable to [..., dr/2]). In float32, cast back, as DeepSeek's reference code does."""
+    `rotation` (complex, broadcastable to [..., dr/2]; under torch.compile real (cos, sin) pairs [..., dr]). In
+    float32, cast back, as DeepSeek's reference code does."""
     x32 = x.float()
+    if torch.compiler.is_compiling():  # the same product in reals, rotation as (cos, sin) pairs (Rotary)
+        a, b = x32.unflatten(-1, (-1, 2)).unbind(-1)
+        c, s = rotation.unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).to(x.dtype)
     if x32.stride(-1) != 1 or x32.storage_offset() % 2 or any(st % 2 for st in x32.stride()[:-1]):
         x32 = x32.contiguous()  # view_as_complex needs pairs laid out as (real, imag)
     out = torch.view_as_real(torch.view_as_complex(x32.unflatten(-1, (-1, 2))) * rotation).flatten(-2)

@@ -82,30 +82,25 @@ class Transformer(nn.Module):
         h, _, _ = self.hidden(input_ids)
         return self.lm_head(h)
 
-    def step(self, input_ids: torch.Tensor, slots: list[int], cache) -> torch.Tensor:
-        """Decode with a latent cache: input_ids [B, T] continue the sequences held in cache slots `slots` (each at
-        its own length); their latents are written to the cache and attention runs in the absorbed form over it.
-        Returns logits [B, T, vocab]. (cache: leanseek.infer.cache.LatentCache.)"""
-        B, T = input_ids.shape
-        device = input_ids.device
-        start = torch.tensor([cache.lengths[s] for s in slots], device=device)
-        pos = start[:, None] + torch.arange(T, device=device)  # [B, T]
-        rope = self.rotary(pos)
-        S = int(pos.max()) + 1
-        rows = torch.tensor(slots, device=device)
-        mask = torch.arange(S, device=device) <= pos[..., None]  # [B, T, S]: causal, each row at its own offset
+    def step(self, input_ids: torch.Tensor, at) -> torch.Tensor:
+        """Decode with a latent cache: input_ids [B, T] continue sequences held in a cache, at the positions `at`
+        gives (a leanseek.infer.cache.CacheStep); their latents are written to the cache and attention runs in
+        the absorbed form over it. Returns the final-normed hidden states [B, T, d]: lm_head gives the logits, and
+        MTP drafts from them."""
+        rope = self.rotary(at.positions)
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
-            def attend(attn: nn.Module, h: torch.Tensor, i: int = i) -> torch.Tensor:
-                c_kv, k_pe = attn.latents(h, rope)
-                cache.c_kv[i, rows[:, None], pos] = c_kv.to(cache.c_kv.dtype)
-                cache.k_pe[i, rows[:, None], pos] = k_pe.to(cache.k_pe.dtype)
-                return attn.forward_absorbed(h, rope, cache.c_kv[i, rows, :S], cache.k_pe[i, rows, :S], mask)
+            x, _ = layer(x, rope, at.attend(i, rope))
+        return self.norm(x)
 
-            x, _ = layer(x, rope, attend)
-        for s in slots:
-            cache.lengths[s] += T
-        return self.lm_head(self.norm(x))
+    def mtp_step(self, hidden: torch.Tensor, next_ids: torch.Tensor, at,
+                 depth: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module `depth` over a latent cache of its own (its layer depth-1), at the positions `at` gives:
+        the depth-(k-1) states `hidden` [B, T, d] of positions i paired with tokens i+k `next_ids` [B, T]
+        (Eq. 21). Returns h^k for the next depth and h^k normalised for the shared head."""
+        rope = self.rotary(at.positions)
+        h, normed, _ = self.mtp[depth - 1](hidden, self.embed_tokens(next_ids), rope, at.attend(depth - 1, rope))
+        return h, normed
 
     def forward_train(self, input_ids: torch.Tensor, mtp: bool = True) -> TrainOutput:
         """Main hidden states plus, when mtp, each MTP depth's (Eqs. 21-23), and every router's decision."""
