@@ -62,6 +62,16 @@ def test_bad_requests_are_named(model):
         engine.generate([[1] * 10], max_new_tokens=7)
     with pytest.raises(ValueError, match="top_p=0"):
         engine.generate([[1]], max_new_tokens=4, top_p=0)
+    with pytest.raises(ValueError, match=r"request 0: the prompt \(16 tokens\) leaves no room in the context of 16"):
+        engine.generate([[1] * 16], max_new_tokens=1)
+    with pytest.raises(ValueError, match="request 0: unexpected keyword argument 'top_q'|top_q"):
+        engine.generate([[1]], top_q=0.5)
+    with pytest.raises(ValueError, match="must be a list of token ids"):
+        engine.generate([[1.5]], max_new_tokens=1)
+    no_mtp = Engine(leanseek.Transformer(small_config(vocab_size=97)), max_len=16)
+    with pytest.raises(ValueError, match="speculative decoding drafts with an MTP module"):
+        no_mtp.generate([[1]], max_new_tokens=2, speculative=True)
+    assert engine.pending == 0  # nothing was queued
 
 
 def test_speculative_greedy_equals_plain(model):
@@ -127,26 +137,22 @@ def test_speculative_accepted_drafts_commit_two_tokens(model):
     assert engine.acceptance_rate == engine.stats["accepted"] / engine.stats["drafted"]
 
 
-def test_speculative_sampling_keeps_the_distribution(model):
-    """The acceptance rule: draft d ~ q, accepted with probability min(1, p(d)/q(d)), else a token from
-    norm(max(0, p - q)). The tokens that come out follow p."""
-    from leanseek.infer.engine import _Request
-    from leanseek.infer.sampling import SamplingParams
+def test_speculative_sampling_keeps_the_distribution():
+    """The acceptance rule: draft d ~ q, kept with probability min(1, p(d)/q(d)), else a token from
+    norm(max(0, p - q)). The tokens that come out follow p, not q."""
+    from leanseek.infer.sampling import verify_drafts
 
-    engine = Engine(model, max_len=16)
-    V = model.cfg.vocab_size
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(V, generator=g) * 2
+    V, n = 12, 200_000
+    p = (torch.randn(V, generator=g) * 2).softmax(-1)
     q = (torch.randn(V, generator=g) * 2).softmax(-1)
-    p = logits.softmax(-1)
-    r = _Request(0, [1], SamplingParams(temperature=1.0), False, torch.Generator().manual_seed(1))
-    n, counts = 40000, torch.zeros(V)
-    drafts = torch.multinomial(q, n, replacement=True, generator=g).tolist()
-    for d in drafts:
-        r.draft, r.draft_probs = d, q
-        counts[engine._verify(r, logits)[1]] += 1
-    assert (counts / n - p).abs().max() < 0.01
-    assert (counts / n - q).abs().max() > 0.05  # the draft distribution alone would fail
+    drafts = torch.multinomial(q, n, replacement=True, generator=g)
+    kept, tokens = verify_drafts(p.expand(n, V), q.expand(n, V), drafts, torch.rand(n, generator=g),
+                                 torch.rand(n, generator=g))
+    freq = torch.bincount(tokens, minlength=V) / n
+    assert (freq - p).abs().max() < 0.005
+    assert (freq - q).abs().max() > 0.05  # the draft distribution alone would fail
+    assert abs(kept.float().mean() - torch.minimum(p, q).sum()) < 0.005  # the acceptance rate is sum min(p, q)
 
 
 def test_speculative_sampling_is_seeded(model):

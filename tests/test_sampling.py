@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from leanseek.infer import SamplingParams, apply_penalties, filter_logits, sample
+from leanseek.infer.sampling import draw, probabilities
 
 PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
 LOGITS = PROBS.log()
@@ -27,6 +28,23 @@ def kept(logits):
 ])
 def test_filters(kwargs, expected):
     assert kept(filter_logits(LOGITS, **kwargs)) == expected
+
+
+def test_filters_per_row():
+    """A batch of rows, each with its own parameters, filters as each row alone would."""
+    logits = torch.stack([LOGITS, LOGITS.flip(0), LOGITS])
+    out = filter_logits(logits, top_k=torch.tensor([2, 0, 0]), top_p=torch.tensor([1.0, 0.8, 1.0]),
+                        min_p=torch.tensor([0.0, 0.0, 0.5]))
+    assert [kept(row) for row in out] == [[0, 1], [2, 3], [0, 1]]
+
+
+def test_draw_by_inverse_cdf():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5], [1.0, 0.0, 0.0, 0.0]])
+    assert draw(probs, torch.tensor([0.0, 0.999])).tolist() == [1, 0]  # zero-probability tokens never come out
+    assert draw(probs, torch.tensor([0.5, 0.0])).tolist() == [3, 0]
+    greedy = probabilities(torch.tensor([[0.1, 3.0, 2.0]]), torch.tensor([0.0]), torch.tensor([0]),
+                           torch.tensor([1.0]), torch.tensor([0.0]))
+    assert greedy.tolist() == [[0.0, 1.0, 0.0]]
 
 
 def test_penalties():

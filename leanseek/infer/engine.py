@@ -29,7 +29,7 @@ import torch
 from ..model.moe import Experts
 from ..model.transformer import Transformer
 from .cache import LatentCache
-from .sampling import SamplingParams, apply_penalties, distribution, sample
+from .sampling import SamplingParams, apply_penalties, batch_params, draw, probabilities, verify_drafts
 
 
 class GenerationError(RuntimeError):
@@ -309,42 +309,54 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ choosing tokens
 
-    def _logits(self, r: _Request, logits: torch.Tensor) -> torch.Tensor:
-        """The request's penalties applied to logits [V]."""
+    @staticmethod
+    def _plain_greedy(r: _Request) -> bool:
         p = r.params
-        if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
-            if r.counts is None:
-                r.counts = torch.zeros(self.cfg.vocab_size, device=self.device)
-                for t in r.output:
-                    r.counts[t] += 1
-            logits = apply_penalties(logits, torch.tensor(r.prompt + r.output, device=self.device), r.counts, p)
-        return logits
+        return p.greedy and p.repetition_penalty == 1.0 and not (p.frequency_penalty or p.presence_penalty)
 
-    def _choose(self, r: _Request, logits: torch.Tensor) -> int:
-        return sample(self._logits(r, logits), r.params, r.generator)
+    def _penalised(self, r: _Request, logits: torch.Tensor, pending: int | None = None) -> torch.Tensor:
+        """The request's penalties applied to logits [V], as if `pending` (a token not yet committed) followed."""
+        p = r.params
+        if p.repetition_penalty == 1.0 and not (p.frequency_penalty or p.presence_penalty):
+            return logits
+        if r.counts is None:
+            r.counts = torch.zeros(self.cfg.vocab_size, device=self.device)
+            for t in r.output:
+                r.counts[t] += 1
+        seen, counts = r.prompt + r.output, r.counts
+        if pending is not None:
+            seen, counts = seen + [pending], counts.clone()
+            counts[pending] += 1
+        return apply_penalties(logits, torch.tensor(seen, device=self.device), counts, p)
 
-    def _propose(self, r: _Request, logits: torch.Tensor) -> None:
-        """Draft the token after r.output[-1] from MTP logits [V], processed as the main model's will be."""
-        logits = self._logits(r, logits)
-        if r.params.greedy:
-            r.draft, r.draft_probs = int(logits.argmax()), None
-        else:
-            r.draft_probs = distribution(logits, r.params)
-            r.draft = int(torch.multinomial(r.draft_probs, 1, generator=r.generator))
+    def _probs(self, rows: list[_Request], logits: torch.Tensor, pending: list[int] | None = None) -> torch.Tensor:
+        """Each request's sampling distribution [B, V] from its logits [B, V], penalties applied."""
+        logits = torch.stack([self._penalised(r, row, None if pending is None else pending[i])
+                              for i, (r, row) in enumerate(zip(rows, logits))])
+        return probabilities(logits, **batch_params([r.params for r in rows], self.device))
 
-    def _verify(self, r: _Request, logits: torch.Tensor) -> tuple[bool, int]:
-        """Check the draft against the main model's logits [V] at its position: (accepted, the token there)."""
-        d, q = r.draft, r.draft_probs
-        logits = self._logits(r, logits)
-        if q is None:
-            token = int(logits.argmax())
-            return token == d, token
-        p = distribution(logits, r.params)
-        u = torch.rand((), generator=r.generator, device=self.device)
-        if u * q[d] < p[d]:  # accept with probability min(1, p(d) / q(d))
-            return True, d
-        residual = (p - q).clamp_(min=0)  # otherwise draw from norm(max(0, p - q))
-        return False, int(torch.multinomial(residual if residual.sum() > 0 else p, 1, generator=r.generator))
+    def _uniform(self, rows: list[_Request]) -> torch.Tensor:
+        """One uniform number per request, from its own generator when it has a seed."""
+        return torch.cat([torch.rand(1, generator=r.generator, device=self.device) for r in rows])
+
+    def _choose(self, rows: list[_Request], logits: torch.Tensor) -> list[int]:
+        """The next token of each request from its logits [B, V]: one argmax for all plain greedy requests, one
+        batched draw for the others."""
+        tokens = logits.argmax(-1).tolist()
+        rest = [i for i, r in enumerate(rows) if not self._plain_greedy(r)]
+        if rest:
+            sub = [rows[i] for i in rest]
+            for i, t in zip(rest, draw(self._probs(sub, logits[rest]), self._uniform(sub)).tolist()):
+                tokens[i] = t
+        return tokens
+
+    def _propose(self, rows: list[_Request], logits: torch.Tensor) -> None:
+        """Draft the token after each request's last one from MTP logits [B, V], processed as the main model's
+        will be, keeping the distribution it was drawn from for the acceptance rule."""
+        q = self._probs(rows, logits)
+        for r, d, qr in zip(rows, draw(q, self._uniform(rows)).tolist(), q):
+            r.draft, r.draft_probs = d, qr
+            self._drop_draft_if_last(r)
 
     # ------------------------------------------------------------------------------------------ forward passes
 
@@ -379,7 +391,7 @@ class Engine:
             at.advance()
             if r.speculative:
                 hidden.append(h)
-        self._emit(r, [self._choose(r, self.model.lm_head(h[0, -1]))], outs)
+        self._emit(r, self._choose([r], self.model.lm_head(h[:, -1])), outs)
         if r.speculative and r in self._running:
             self._prefill_draft(r, torch.cat(hidden, dim=1))
 
@@ -396,28 +408,19 @@ class Engine:
             _, normed = self.model.mtp_step(hidden[:, start:start + len(chunk)],
                                             torch.tensor([chunk], device=self.device), at)
             at.advance()
-        self._propose(r, self.model.lm_head(normed[0, -1]))
-        self._drop_draft_if_last(r)
+        self._propose([r], self.model.lm_head(normed[:, -1]))
 
     def _drop_draft_if_last(self, r: _Request) -> None:
         """With one token left to generate, a draft has nothing to add (and could run past the context)."""
         if len(r.output) + 1 >= r.params.max_new_tokens:
             r.draft = r.draft_probs = None
 
-    @staticmethod
-    def _plain_greedy(r: _Request) -> bool:
-        p = r.params
-        return p.greedy and p.repetition_penalty == 1.0 and not (p.frequency_penalty or p.presence_penalty)
-
     def _decode_plain(self, batch: list[_Request], outs: list[Output]) -> None:
         pad = self._pad(len(batch), 1)
         at = self.cache.step([r.slot for r in batch], 1, pad)
         _, logits = self._call(_decode_fn, [at], self._tokens([[r.output[-1]] for r in batch], pad))
-        logits = logits[: len(batch), -1]
-        top = logits.argmax(-1).tolist()  # one call for all greedy rows without penalties
-        for r, row, best in zip(batch, logits, top):
-            self._guarded([r], outs, lambda r=r, row=row, best=best: self._emit(
-                r, [best if self._plain_greedy(r) else self._choose(r, row)], outs))
+        for r, token in zip(batch, self._choose(batch, logits[: len(batch), -1])):
+            self._guarded([r], outs, lambda r=r, token=token: self._emit(r, [token], outs))
 
     def _decode_speculative(self, batch: list[_Request], outs: list[Output]) -> None:
         greedy = [r for r in batch if self._plain_greedy(r)]
@@ -447,47 +450,43 @@ class Engine:
                 self._drop_draft_if_last(r)
 
     def _speculate(self, batch: list[_Request], outs: list[Output]) -> None:
-        """Speculative steps that need Python between the main model and the MTP module: sampling, penalties."""
-        pad = self._pad(len(batch), 2)
+        """Speculative steps that need the sampler between the main model and the MTP module (sampling,
+        penalties): the acceptance rule keeps the output distributed as the main model's."""
+        B = len(batch)
+        pad = self._pad(B, 2)
         at = self.cache.step([r.slot for r in batch], 2, pad)
         h, logits = self._call(_decode_fn, [at], self._tokens([[r.output[-1], r.draft] for r in batch], pad))
-        accepted = []
-        for r, rows in zip(batch, logits):
-            self._guarded([r], outs, lambda r=r, rows=rows: accepted.append((r, self._accept(r, rows, outs))))
+        drafts = [r.draft for r in batch]
+        p = self._probs(batch, logits[:B, 0])
+        q = torch.stack([r.draft_probs for r in batch])
+        kept, first = verify_drafts(p, q, torch.tensor(drafts, device=self.device), self._uniform(batch),
+                                    self._uniform(batch))
+        # the token after an accepted draft, drawn as if the draft were already committed (penalties)
+        bonus = draw(self._probs(batch, logits[:B, 1], pending=drafts), self._uniform(batch)).tolist()
+        for r, ok, t0, t1 in zip(batch, kept.tolist(), first.tolist(), bonus):
+            self.stats["drafted"] += 1
+            self.stats["accepted"] += ok
+            r.draft = r.draft_probs = None
+            if not ok:
+                self.cache.lengths[r.slot] -= 1
+            self._guarded([r], outs, lambda r=r, new=[t0, t1] if ok else [t0]: self._emit(r, new, outs))
         # the MTP module continues from every committed position: after an accepted draft, the pairs (h of the
         # last token, draft) and (h of the draft, bonus token); after a rejection only the first pair counts, so
         # the second (a placeholder) is rolled back like the main cache's rejected position
-        for r, ok in accepted:
-            if not ok:
-                self.cache.lengths[r.slot] -= 1
-        keep = [(r, ok) for r, ok in accepted if r in self._running]
+        keep = [(i, r, ok) for i, (r, ok) in enumerate(zip(batch, kept.tolist())) if r in self._running]
         if not keep:
             return
-        index = torch.tensor([batch.index(r) for r, _ in keep], device=self.device)
         pad = self._pad(len(keep), 2)
-        hidden = h.index_select(0, index)
+        hidden = h[[i for i, _, _ in keep]]
         if pad is not None and pad > len(keep):
             hidden = torch.cat([hidden, hidden.new_zeros(pad - len(keep), *hidden.shape[1:])])
-        at = self.draft_cache.step([r.slot for r, _ in keep], 2, pad)
+        at = self.draft_cache.step([r.slot for _, r, _ in keep], 2, pad)
         (draft_logits,) = self._call(_draft_fn, [at], hidden,
-                                     self._tokens([r.output[-2:] if ok else r.output[-1:] * 2 for r, ok in keep], pad))
-        for row, (r, ok) in zip(draft_logits, keep):
+                                     self._tokens([r.output[-2:] if ok else r.output[-1:] * 2 for _, r, ok in keep],
+                                                  pad))
+        for _, r, ok in keep:
             if not ok:
                 self.draft_cache.lengths[r.slot] -= 1
-            self._guarded([r], outs, lambda r=r, row=row, ok=ok: (self._propose(r, row[int(ok)]),
-                                                                  self._drop_draft_if_last(r)))
-
-    def _accept(self, r: _Request, logits: torch.Tensor, outs: list[Output]) -> bool:
-        """Verify r's draft against the main model's logits [2, V] for [last token, draft]; commit the tokens that
-        stand (the draft and a bonus token after it, or the main model's own token instead of it)."""
-        self.stats["drafted"] += 1
-        ok, token = self._verify(r, logits[0])
-        r.draft = r.draft_probs = None
-        if not ok:
-            self._emit(r, [token], outs)
-            return False
-        self.stats["accepted"] += 1
-        self._emit(r, [token], outs)
-        if r in self._running:
-            self._emit(r, [self._choose(r, logits[1])], outs)
-        return True
+        rows = [r for _, r, _ in keep]
+        self._guarded(rows, outs, lambda: self._propose(
+            rows, draft_logits[torch.arange(len(keep)), torch.tensor([int(ok) for _, _, ok in keep])]))

@@ -1,7 +1,10 @@
-"""Choosing the next token from logits: penalties, temperature, top-k, top-p, min-p, a per-request seed.
+"""Choosing the next token from logits: penalties, temperature, top-k, top-p, min-p, a per-request seed; and the
+speculative-sampling rule that checks a draft token against the model.
 
 The order follows transformers' logits processors: penalties on the raw logits, then temperature, top-k, top-p and
-min-p; each filter keeps at least the most likely token. Temperature 0 is greedy.
+min-p; each filter keeps at least the most likely token. Temperature 0 is greedy. Everything works on a batch of
+rows at once, each with its own parameters, and draws by inverse CDF from one uniform number per row, so a
+request's seeded generator alone decides its tokens whatever else is in the batch.
 """
 
 from __future__ import annotations
@@ -56,30 +59,67 @@ def apply_penalties(logits: torch.Tensor, prompt_and_output: torch.Tensor, outpu
     return logits
 
 
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
-    """Set to -inf what top-k, top-p (nucleus) and min-p remove from logits [..., V]."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:  # the smallest set of most likely tokens whose probability reaches top_p
-        probs = logits.softmax(-1)
-        sorted_probs, order = probs.sort(-1, descending=True)
-        before = sorted_probs.cumsum(-1) - sorted_probs  # probability of the more likely tokens
-        drop = torch.zeros_like(before, dtype=torch.bool).scatter_(-1, order, before >= top_p)
-        logits = logits.masked_fill(drop, float("-inf"))
-    if min_p > 0:  # keep tokens at least min_p times as likely as the most likely one
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
-    return logits
+def filter_logits(logits: torch.Tensor, top_k=0, top_p=1.0, min_p=0.0) -> torch.Tensor:
+    """Set to -inf what top-k, top-p (nucleus) and min-p remove from logits [V] or [B, V]; each parameter is a
+    number or a tensor [B] of one per row (top_k 0, top_p 1, min_p 0: off)."""
+    x = logits if logits.dim() == 2 else logits[None]
+    B, V = x.shape
+    k, p, m = (torch.as_tensor(v, device=x.device).expand(B)[:, None] for v in (top_k, top_p, min_p))
+    if bool(((k > 0) & (k < V)).any() or (p < 1).any()):
+        srt, order = x.sort(-1, descending=True)
+        drop = (k > 0) & (srt < srt.gather(1, (k.clamp(1, V) - 1)))  # below the k-th largest (ties stay)
+        probs = srt.masked_fill(drop, float("-inf")).softmax(-1)
+        drop |= probs.cumsum(-1) - probs >= p  # the more likely tokens already reach top_p
+        x = x.masked_fill(torch.zeros_like(drop).scatter_(1, order, drop), float("-inf"))
+    if bool((m > 0).any()):  # keep tokens at least min_p times as likely as the most likely one
+        probs = x.softmax(-1)
+        x = x.masked_fill(probs < m * probs.amax(-1, keepdim=True), float("-inf"))
+    return x if logits.dim() == 2 else x[0]
 
 
-def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The probabilities [V] that sampling draws from (temperature > 0): temperature, then the filters."""
-    return filter_logits(logits.float() / params.temperature, params.top_k, params.top_p, params.min_p).softmax(-1)
+def batch_params(params: list[SamplingParams], device=None) -> dict[str, torch.Tensor]:
+    """Per-row tensors of the parameters probabilities() takes."""
+    return {"temperature": torch.tensor([p.temperature for p in params], device=device),
+            "top_k": torch.tensor([p.top_k for p in params], device=device),
+            "top_p": torch.tensor([p.top_p for p in params], device=device),
+            "min_p": torch.tensor([p.min_p for p in params], device=device)}
+
+
+def probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  min_p: torch.Tensor) -> torch.Tensor:
+    """Each row's sampling distribution [B, V] (float32) from logits [B, V] (penalties already applied):
+    temperature, then the filters. A temperature of 0 puts all the mass on the argmax."""
+    greedy = temperature == 0
+    scaled = logits.float() / torch.where(greedy, 1.0, temperature.float())[:, None]
+    probs = filter_logits(scaled, top_k, top_p, min_p).softmax(-1)
+    if bool(greedy.any()):
+        onehot = torch.zeros_like(probs).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
+        probs = torch.where(greedy[:, None], onehot, probs)
+    return probs
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of probs [B, V] (unnormalised is fine) by inverse CDF, u [B] uniform in [0, 1)."""
+    cdf = probs.cumsum(-1)
+    token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].to(cdf.dtype), right=True)[:, 0]
+    return token.clamp_(max=probs.shape[-1] - 1)  # rounding at the top end
+
+
+def verify_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u_accept: torch.Tensor,
+                  u_resample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling (Leviathan et al. 2023, Chen et al. 2023): draft d drawn from q is kept with
+    probability min(1, p(d) / q(d)); otherwise a token is drawn from max(0, p - q), renormalised. The token that
+    comes out follows p exactly. p, q [B, V]; drafts, u_accept, u_resample [B]. Returns (kept [B], token [B])."""
+    rows = torch.arange(len(drafts), device=p.device)
+    kept = u_accept * q[rows, drafts] < p[rows, drafts]
+    residual = (p - q).clamp_(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)  # p == q: nothing left over
+    return kept, torch.where(kept, drafts, draw(residual, u_resample))
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
     """One token id from logits [V] (penalties already applied)."""
     if params.greedy:
         return int(logits.argmax())
-    return int(torch.multinomial(distribution(logits, params), 1, generator=generator))
+    probs = probabilities(logits[None], **batch_params([params], logits.device))
+    return int(draw(probs, torch.rand(1, generator=generator, device=logits.device))[0])
