@@ -176,13 +176,57 @@ def cmd_cost(args) -> None:
               f"({est.device_hours / (hours * scale):.2f}x).")
 
 
-def cmd_pretrain(args) -> None:
+def cmd_train(args) -> None:
     from .train.pretrain import run
 
     line = run(args)
     if line and int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()}))
         print(f"checkpoints: {args.out}/checkpoints, newest: {args.out}/latest (a Hugging Face model folder)")
+
+
+def cmd_rl(args) -> None:
+    from .rl.trainer import main_line, run
+
+    print(main_line(run(args)))
+    print(f"checkpoints: {args.out}/checkpoints, newest: {args.out}/latest; per step: {args.out}/metrics.jsonl")
+
+
+def cmd_eval(args) -> None:
+    import torch
+
+    from .data.tokenizer import TextTokenizer
+    from .eval.tasks import complete, summarise
+    from .infer.engine import Engine
+    from .model.hf import load_hf
+    from .tasks import get_task
+    from .train.checkpoint import checkpoint_of
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    task = get_task(args.task)
+    path = checkpoint_of(Path(args.model))
+    model, tokenizer = load_hf(path), TextTokenizer.load(path)
+    problems = task.test_set(args.problems)
+    engine = Engine(model, tokenizer, max_batch=args.batch, max_len=256 + args.max_new_tokens)
+    greedy = complete(engine, tokenizer, task, problems, max_new_tokens=args.max_new_tokens)
+    sampled = (complete(engine, tokenizer, task, problems, samples=args.k, temperature=args.temperature,
+                        max_new_tokens=args.max_new_tokens, seed=args.seed) if args.k else None)
+    result = summarise(task, problems, greedy, sampled)
+    columns = list(result["all"])
+    rows = [[bucket] + [f"{v[c]:.3f}" if isinstance(v[c], float) else v[c] for c in columns]
+            for bucket, v in result.items()]
+    print(f"{task.name} ({task.description}): {path}")
+    print(table(rows, ["bucket"] + columns))
+    print("pass@1: greedy; length: greedy completion tokens; format: well-formed completions"
+          + (f"; sampled at temperature {args.temperature}, {args.k} per problem" if args.k else ""))
+    if args.json:
+        from .atomic import write_text_atomic
+
+        write_text_atomic(Path(args.json), json.dumps({"task": task.name, "model": str(path), "metrics": result},
+                                                      indent=2) + "\n")
+    for i in range(min(args.show, len(problems))):
+        print(f"\n{problems[i].prompt} -> {tokenizer.decode(greedy[i][0].tokens)!r}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -227,7 +271,29 @@ def main(argv: list[str] | None = None) -> None:
     from .train.pretrain import add_arguments
 
     add_arguments(p)
-    p.set_defaults(run=cmd_pretrain)
+    p.set_defaults(run=cmd_train)
+    p = sub.add_parser("rl", help="GRPO with rule-based rewards on a verifiable task (resumes)")
+    from .rl.trainer import add_arguments as rl_arguments
+
+    rl_arguments(p)
+    p.set_defaults(run=cmd_rl)
+    p = sub.add_parser("eval", help="pass@1, pass@k, maj@k, length and format rate on a task's held-out set")
+    p.add_argument("model", help="a run folder or checkpoint")
+    p.add_argument("--task", required=True)
+    p.add_argument("--problems", type=int, default=500, help="held-out problems (the same first ones each time)")
+    p.add_argument("--k", type=int, default=8, help="samples per problem for pass@k and maj@k (0: greedy only)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch", type=int, default=64, help="sequences decoded at once")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the metrics here")
+    p.add_argument("--show", type=int, default=3, help="print this many greedy completions")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(run=cmd_eval)
+    p = sub.add_parser("sft", help="fine-tune a checkpoint on chats, the loss on the assistant's tokens "
+                                   "(resumes; torchrun-ready)")
+    add_arguments(p, "sft")
+    p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("cost", help="estimate the device-hours and dollars of a training run never made")
     p.add_argument("--preset", required=True, help="preset name, model folder or config.json")

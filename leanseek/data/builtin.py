@@ -30,8 +30,9 @@ class Builtin:
         return self.path is None or self.path.exists()
 
 
-def python_docstrings(stats: SourceStats) -> Iterator[str]:
-    """One document per standard-library module: its docstring and those of its classes and functions."""
+def stdlib_docstrings(stats: SourceStats) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+    """(module, [(qualified name, docstring), ...]) for each standard-library module, read with `ast`: the module's
+    docstring and those of its classes and functions, each longer than 40 characters."""
     root = Path(sysconfig.get_paths()["stdlib"])
     for file in sorted(root.rglob("*.py")):
         rel = file.relative_to(root)
@@ -44,15 +45,20 @@ def python_docstrings(stats: SourceStats) -> Iterator[str]:
             stats.skip(f"{file}: not parseable")
             continue
         module = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
-        parts = []
+        docs = []
         for node in [tree, *ast.walk(tree)]:
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 doc = ast.get_docstring(node)
                 if doc and len(doc) > 40:
-                    name = module if isinstance(node, ast.Module) else f"{module}.{node.name}"
-                    parts.append(f"{name}\n\n{doc}")
-        if parts:
-            yield from chunk("\n\n".join(dict.fromkeys(parts)))
+                    docs.append((module if isinstance(node, ast.Module) else f"{module}.{node.name}", doc))
+        if docs:
+            yield module, docs
+
+
+def python_docstrings(stats: SourceStats) -> Iterator[str]:
+    """One document per standard-library module: its docstring and those of its classes and functions."""
+    for _, docs in stdlib_docstrings(stats):
+        yield from chunk("\n\n".join(dict.fromkeys(f"{name}\n\n{doc}" for name, doc in docs)))
 
 
 def python_topics(stats: SourceStats) -> Iterator[str]:
@@ -77,17 +83,22 @@ def gcide(stats: SourceStats) -> Iterator[str]:
     yield from chunk("\n\n".join(entries))
 
 
-def wordnet(stats: SourceStats) -> Iterator[str]:
-    """'word, synonym (noun): gloss' for every synset of WordNet's data files."""
-    for pos in ("noun", "verb", "adj", "adv"):
-        lines = []
+def wordnet_synsets(parts: tuple[str, ...] = ("noun", "verb", "adj", "adv")) -> Iterator[tuple[str, list[str], str]]:
+    """(part of speech, words, gloss) for every synset of WordNet's data files."""
+    for pos in parts:
         for line in (WORDNET / f"data.{pos}").read_text(encoding="utf-8", errors="replace").splitlines():
             if line.startswith("  ") or " | " not in line:
                 continue  # licence header
             fields, gloss = line.split(" | ", 1)
             tokens = fields.split()
-            words = tokens[4:4 + 2 * int(tokens[3], 16):2]
-            lines.append(f"{', '.join(w.replace('_', ' ') for w in words)} ({pos}): {gloss.strip()}")
+            words = [w.replace("_", " ") for w in tokens[4:4 + 2 * int(tokens[3], 16):2]]
+            yield pos, words, gloss.strip()
+
+
+def wordnet(stats: SourceStats) -> Iterator[str]:
+    """'word, synonym (noun): gloss' for every synset of WordNet's data files."""
+    for part in ("noun", "verb", "adj", "adv"):
+        lines = [f"{', '.join(words)} ({pos}): {gloss}" for pos, words, gloss in wordnet_synsets((part,))]
         yield from chunk("\n".join(lines))
 
 

@@ -58,7 +58,9 @@ class TextTokenizer:
         return self.tk.token_to_id(token)
 
     def save(self, folder: str | os.PathLike) -> None:
-        """tokenizer.json + tokenizer_config.json, written atomically (transformers' AutoTokenizer reads them)."""
+        """tokenizer.json + tokenizer_config.json (with the chat template), written atomically (transformers'
+        AutoTokenizer reads them)."""
+        from .chat import CHAT_TEMPLATE
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         config = {
@@ -68,6 +70,7 @@ class TextTokenizer:
             "add_bos_token": False, "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1 << 30,
+            "chat_template": CHAT_TEMPLATE,
         }
         for name, text in (("tokenizer.json", self.tk.to_str(pretty=False)),
                            ("tokenizer_config.json", json.dumps(config, indent=2) + "\n")):

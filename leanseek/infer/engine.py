@@ -145,9 +145,14 @@ class Engine:
 
     def generate(self, prompts: list[list[int]], **params) -> list[list[int]]:
         """New tokens for each prompt (token id lists). Keyword arguments are SamplingParams fields, plus `stop`
-        (token ids and strings; strings need the tokenizer) and `speculative`. Bad input raises ValueError
-        before anything runs; failures while running raise GenerationError once the others have finished."""
-        requests = [self._request(p, params, f"request {i}") for i, p in enumerate(prompts)]
+        (token ids and strings; strings need the tokenizer) and `speculative`; `seed` may be a list, one per
+        prompt (several samples of one prompt). Bad input raises ValueError before anything runs; failures while
+        running raise GenerationError once the others have finished."""
+        seeds = params.get("seed")
+        if isinstance(seeds, (list, tuple)) and len(seeds) != len(prompts):
+            raise ValueError(f"seed: {len(seeds)} seeds for {len(prompts)} prompts")
+        requests = [self._request(p, {**params, "seed": seeds[i]} if isinstance(seeds, (list, tuple)) else params,
+                                  f"request {i}") for i, p in enumerate(prompts)]
         index = {r.id: i for i, r in enumerate(requests)}
         outs: list[list[int]] = [[] for _ in prompts]
         errors: dict[int, str] = {}

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..data.tokenizer import TextTokenizer
 from ..model.hf import save_hf
 from ..model.transformer import Transformer
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def rng_state() -> dict:
@@ -43,7 +43,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer_state: dict, state: dict,
-                    data_dir: Path, keep: int) -> Path:
+                    tokenizer: TextTokenizer, keep: int) -> Path:
     """Write checkpoint `step` atomically, point RUN_DIR/latest at it, and keep only the newest `keep`.
 
     model: with full (unsharded) weights; optimizer_state: a full optimizer state dict keyed by parameter name
@@ -52,8 +52,7 @@ def save_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer_stat
     tmp = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     save_hf(model, tmp)
-    for name in TOKENIZER_FILES:
-        shutil.copy2(data_dir / name, tmp / name)
+    tokenizer.save(tmp)
     tensors = {f"{name}::{key}": value.detach().cpu().contiguous()
                for name, per_param in optimizer_state["state"].items() for key, value in per_param.items()}
     save_file(tensors, tmp / "optimizer.safetensors", metadata={"format": "pt"})
@@ -113,6 +112,16 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def checkpoint_of(path: Path) -> Path:
+    """A checkpoint folder: `path` itself, or a run folder's newest checkpoint."""
+    if (path / "config.json").is_file():
+        return path
+    found = latest_checkpoint(path) if path.is_dir() else None
+    if found is None:
+        raise FileNotFoundError(f"{path}: neither a checkpoint (config.json) nor a run folder with checkpoints")
+    return found
+
+
 def load_trainer_state(path: Path) -> tuple[dict, dict]:
     """(trainer state, full optimizer state dict keyed by parameter name) of checkpoint `path`."""
     state = json.loads((path / "trainer_state.json").read_text())
@@ -121,3 +130,17 @@ def load_trainer_state(path: Path) -> tuple[dict, dict]:
         param, key = name.split("::")
         per_param.setdefault(param, {})[key] = tensor
     return state, {"state": per_param, "param_groups": state.pop("param_groups")}
+
+
+def restore(checkpoint: Path, run_args: dict, keys: tuple[str, ...], model: torch.nn.Module,
+            optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
+    """Resume a run from `checkpoint`: its optimizer and RNG states, after checking that the settings named in
+    `keys` are unchanged. Returns (step, the saved cost ledger's fields)."""
+    state, optimizer_state = load_trainer_state(checkpoint)
+    changed = {k: (state["args"].get(k), run_args.get(k)) for k in keys if state["args"].get(k) != run_args.get(k)}
+    if changed:
+        raise ValueError(f"{checkpoint.parent.parent} holds a run made with other settings; changed: "
+                         + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    load_optimizer_state(model, optimizer, optimizer_state)
+    set_rng_state(state["rng"])
+    return state["step"], state["ledger"]

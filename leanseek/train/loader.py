@@ -3,7 +3,8 @@
 The token stream is cut into windows of seq_len + 1 tokens; each epoch visits them in an order drawn from
 (seed, epoch). The global batch of step s is the next `batch_size` windows of that sequence; rank r of W takes
 its contiguous share, and gradient-accumulation micro-steps split that share again, so a step trains on the same
-sequences whatever the number of devices.
+sequences whatever the number of devices. An optional mask (one flag per token) marks the tokens to learn; the
+others are not targets (SFT learns only the assistant's tokens).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .losses import IGNORE_INDEX
+
 
 class WindowSampler:
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
-        self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, mask: np.ndarray | None = None):
+        self.tokens, self.seq_len, self.batch_size, self.seed, self.mask = tokens, seq_len, batch_size, seed, mask
         self.windows = (len(tokens) - 1) // seq_len
         if self.windows < batch_size:
             raise ValueError(f"the training split holds {self.windows} windows of {seq_len + 1} tokens, fewer than "
@@ -41,17 +44,24 @@ class WindowSampler:
         return [self.read(idx) for idx in np.array_split(mine, accumulation)]
 
     def read(self, windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = np.stack([self.tokens[w * self.seq_len: w * self.seq_len + self.seq_len + 1] for w in windows])
-        rows = torch.from_numpy(rows.astype(np.int64))
-        return rows[:, :-1], rows[:, 1:]
+        return _windows(self.tokens, self.mask, windows, self.seq_len)
 
 
-def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _windows(tokens: np.ndarray, mask: np.ndarray | None, windows, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of the given windows; targets the mask leaves out are IGNORE_INDEX."""
+    spans = [slice(w * seq_len, w * seq_len + seq_len + 1) for w in windows]
+    rows = torch.from_numpy(np.stack([tokens[s] for s in spans]).astype(np.int64))
+    targets = rows[:, 1:].clone()
+    if mask is not None:
+        keep = torch.from_numpy(np.stack([mask[s] for s in spans]))[:, 1:]
+        targets[~keep] = IGNORE_INDEX
+    return rows[:, :-1], targets
+
+
+def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int,
+                 mask: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The first validation windows (a fixed set, so evaluations compare), up to max_tokens targets."""
     available = (len(tokens) - 1) // seq_len
     if available < 1:
         raise ValueError(f"the validation split holds {len(tokens)} tokens, less than one window of {seq_len + 1}")
-    n = max(1, min(available, max_tokens // seq_len))
-    rows = np.stack([tokens[i * seq_len: i * seq_len + seq_len + 1] for i in range(n)])
-    rows = torch.from_numpy(rows.astype(np.int64))
-    return rows[:, :-1], rows[:, 1:]
+    return _windows(tokens, mask, range(max(1, min(available, max_tokens // seq_len))), seq_len)

@@ -1,4 +1,5 @@
-"""`leanseek pretrain`: train a DeepSeek-V3-style base model on tokenized shards, on one CPU or many GPUs.
+"""`leanseek pretrain` and `leanseek sft`: train a DeepSeek-V3-style model on one CPU or many GPUs; pretraining
+from scratch on tokenized shards, SFT from a checkpoint on chats (the loss on the assistant's tokens only).
 
 The objective is V3's (report section 4.2): next-token loss + lambda x MTP loss + alpha x sequence-wise balance loss,
 with the auxiliary-loss-free bias update after every optimizer step. AdamW (0.9, 0.95), gradient clipping at 1.0,
@@ -31,30 +32,38 @@ from ..model.hf import load_hf
 from ..model.moe import Experts
 from ..model.transformer import Transformer
 from .balance import max_violation, update_correction_bias
-from .checkpoint import (full_model_state, full_optimizer_state, latest_checkpoint, load_optimizer_state,
-                         load_trainer_state, rng_state, save_checkpoint, set_rng_state)
+from .checkpoint import (checkpoint_of, full_model_state, full_optimizer_state, latest_checkpoint, restore,
+                         rng_state, save_checkpoint)
 from .cost import Ledger, detect_peak_tflops
 from .loader import WindowSampler, eval_windows
-from .losses import training_loss
+from .losses import IGNORE_INDEX, training_loss
+from .sft import sft_streams
 
 # arguments that decide what a step computes: a resumed run must use the same ones
 RESUME_KEYS = ("preset", "set", "batch_size", "seq_len", "seed", "lr", "warmup_steps", "decay_frac", "weight_decay",
-               "mtp_weight", "balance_weight", "bias_update_speed", "data")
+               "mtp_weight", "balance_weight", "bias_update_speed", "data", "init")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser, stage: str = "pretrain") -> None:
+    p.set_defaults(stage=stage)
     g = p.add_argument_group("data and output")
-    g.add_argument("--data", required=True, help="a folder made by `leanseek data`")
+    if stage == "sft":
+        g.add_argument("--init", required=True, help="the run folder (or checkpoint) to start from")
+        g.add_argument("--data", required=True,
+                       help="OpenAI messages JSONL (one {\"messages\": [...]} per line), or `builtin`")
+    else:
+        g.add_argument("--data", required=True, help="a folder made by `leanseek data`")
     g.add_argument("--out", required=True, help="run folder: checkpoints/, latest, metrics.jsonl, cost.json")
-    g = p.add_argument_group("model")
-    g.add_argument("--preset", default="tiny")
-    g.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override config fields")
+    if stage == "pretrain":
+        g = p.add_argument_group("model")
+        g.add_argument("--preset", default="tiny")
+        g.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override config fields")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=1000)
+    g.add_argument("--steps", type=int, default=1000 if stage == "pretrain" else 300)
     g.add_argument("--batch-size", type=int, default=16, help="global batch, sequences per optimizer step")
     g.add_argument("--micro-batch-size", type=int, help="sequences per device per micro-step (default: all)")
     g.add_argument("--seq-len", type=int, default=256)
-    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--lr", type=float, default=2e-3 if stage == "pretrain" else 1e-3)
     g.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --steps, at most 200")
     g.add_argument("--decay-frac", type=float, default=0.2, help="final fraction of steps decaying to 10%% of lr")
     g.add_argument("--weight-decay", type=float, default=0.1)
@@ -137,15 +146,16 @@ def token_bytes(tokenizer: TextTokenizer) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: Transformer, x: torch.Tensor, y: torch.Tensor, nbytes: torch.Tensor, device, autocast) -> dict:
-    """Validation loss (nats per token) and bits per byte, special-token targets excluded."""
+    """Validation loss (nats per token) and bits per byte, special-token and ignored targets excluded."""
     model.eval()
     nats, tokens, total_bytes = 0.0, 0, 0
     for start in range(0, len(x), 8):
         xb, yb = x[start:start + 8].to(device), y[start:start + 8].to(device)
         with autocast():
             logits = model(xb)
-        b = nbytes.to(device)[yb]
-        ce = F.cross_entropy(logits.float().flatten(0, 1), yb.flatten(), reduction="none").view_as(yb)
+        b = nbytes.to(device)[yb.clamp(min=0)] * (yb != IGNORE_INDEX)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), yb.flatten(), reduction="none",
+                             ignore_index=IGNORE_INDEX).view_as(yb)
         nats += float((ce * (b > 0)).sum())
         tokens += int((b > 0).sum())
         total_bytes += int(b.sum())
@@ -180,10 +190,17 @@ def run(args) -> dict:
     main_rank = rank == 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    data_dir, run_dir = Path(args.data), Path(args.out)
-    tokenizer = TextTokenizer.load(data_dir)
-    train_tokens, _ = load_split(data_dir, "train")
-    val_tokens, _ = load_split(data_dir, "val")
+    sft = args.stage == "sft"
+    run_dir = Path(args.out)
+    train_mask = val_mask = None  # pretraining learns every token
+    if sft:
+        init = checkpoint_of(Path(args.init))
+        tokenizer = TextTokenizer.load(init)
+        (train_tokens, train_mask), (val_tokens, val_mask) = sft_streams(tokenizer, args.data, args.seed)
+    else:
+        tokenizer = TextTokenizer.load(args.data)
+        train_tokens, _ = load_split(args.data, "train")
+        val_tokens, _ = load_split(args.data, "val")
     micro = args.micro_batch_size or args.batch_size // world
     if args.batch_size % (world * micro):
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of world size x --micro-batch-size "
@@ -197,14 +214,16 @@ def run(args) -> dict:
     if resume is not None:
         model = load_hf(resume, device=device)
         model.train()
+    elif sft:
+        model = load_hf(init, device=device).train()
     else:
         torch.manual_seed(args.seed)
         cfg = ModelConfig.preset(args.preset, **{"vocab_size": tokenizer.vocab_size, "bos_token_id": tokenizer.bos_id,
                                                  "eos_token_id": tokenizer.eos_id, **parse_overrides(args.set)})
-        if args.seq_len > cfg.max_position_embeddings:
-            raise ValueError(f"--seq-len {args.seq_len} exceeds max_position_embeddings={cfg.max_position_embeddings}")
         model = Transformer(cfg).to(device).train()
     cfg = model.cfg
+    if args.seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds max_position_embeddings={cfg.max_position_embeddings}")
     sharded = world > 1 and args.fsdp
     replicated = []  # with FSDP: parameters whose gradients this loop averages over ranks itself
     if sharded:  # before the optimizer exists: sharding replaces the parameters
@@ -226,16 +245,8 @@ def run(args) -> dict:
     ledger = Ledger(devices=world, peak_tflops=peak, price_per_device_hour=price)
     start = 0
     if resume is not None:
-        state, optimizer_state = load_trainer_state(resume)
-        changed = {k: (state["args"].get(k), run_args.get(k)) for k in RESUME_KEYS
-                   if state["args"].get(k) != run_args.get(k)}
-        if changed:
-            raise ValueError(f"{run_dir} holds a run made with other settings; changed: "
-                             + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
-        load_optimizer_state(model, optimizer, optimizer_state)
-        start = state["step"]
-        set_rng_state(state["rng"])
-        ledger = Ledger(**{**state["ledger"], "devices": world, "peak_tflops": peak, "price_per_device_hour": price})
+        start, saved = restore(resume, run_args, RESUME_KEYS, model, optimizer)
+        ledger = Ledger(**{**saved, "devices": world, "peak_tflops": peak, "price_per_device_hour": price})
 
     objective = Objective(model, args.mtp_weight, args.balance_weight)
     if world > 1 and not sharded:
@@ -248,18 +259,19 @@ def run(args) -> dict:
                 module.forward = torch.compiler.disable(module.forward)
         objective = torch.compile(objective)
 
-    sampler = WindowSampler(train_tokens, args.seq_len, args.batch_size, args.seed)
-    val_x, val_y = eval_windows(val_tokens, args.seq_len, args.eval_tokens)
+    sampler = WindowSampler(train_tokens, args.seq_len, args.batch_size, args.seed, train_mask)
+    val_x, val_y = eval_windows(val_tokens, args.seq_len, args.eval_tokens, val_mask)
     nbytes = token_bytes(tokenizer)
     flops_per_token = cfg.flops_per_token(args.seq_len, include_mtp=args.mtp_weight > 0)
     metrics_path = run_dir / "metrics.jsonl"
     baselines = {}  # on the first line of a fresh run: the untrained model's and a unigram model's bits per byte
     if start == 0:
         baselines = {f"initial_{k}": v for k, v in evaluate(model, val_x, val_y, nbytes, device, autocast).items()}
-        baselines["unigram_val_bpb"] = unigram_bpb(train_tokens, val_y, nbytes, cfg.vocab_size)
+        if not sft:
+            baselines["unigram_val_bpb"] = unigram_bpb(train_tokens, val_y, nbytes, cfg.vocab_size)
     if main_rank:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics_path, start)
+        truncate_metrics(metrics_path, start)
     writer = None
     if args.tensorboard and main_rank:
         try:
@@ -270,7 +282,7 @@ def run(args) -> dict:
         writer = SummaryWriter(run_dir / "tensorboard", purge_step=start + 1)  # drop what a killed run logged past it
     routers = model.routers(mtp=args.mtp_weight > 0)  # MTP modules do not run when their loss is off
     line: dict = {}
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="pretrain",
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.stage,
                disable=None if main_rank else True)  # None: shown on terminals only
     for step in bar:
         t0 = time.perf_counter()
@@ -322,13 +334,13 @@ def run(args) -> dict:
         if (step + 1) % args.eval_every == 0 or done:
             line.update(evaluate(model, val_x, val_y, nbytes, device, autocast))
         if main_rank:
-            _append(metrics_path, line)
+            append_metrics(metrics_path, line)
             for key, value in line.items():
                 if writer is not None and key != "step":
                     writer.add_scalar(key, value, step + 1)
             bar.set_postfix(loss=f"{ce_v:.3f}", tok_s=f"{tokens / dt:,.0f}", maxvio=f"{line['maxvio']:.2f}")
         if (step + 1) % args.save_every == 0 or done:
-            _save(run_dir, step + 1, model, optimizer, run_args, ledger, data_dir, args.keep, main_rank, sharded)
+            _save(run_dir, step + 1, model, optimizer, run_args, ledger, tokenizer, args.keep, main_rank, sharded)
     bar.close()
     if writer is not None:
         writer.close()
@@ -337,7 +349,7 @@ def run(args) -> dict:
     return line
 
 
-def _save(run_dir, step, model, optimizer, run_args, ledger, data_dir, keep, main_rank, sharded) -> None:
+def _save(run_dir, step, model, optimizer, run_args, ledger, tokenizer, keep, main_rank, sharded) -> None:
     # full (gathered) states: collectives when sharded, so every rank takes part; rank 0 writes
     _reshard(model)  # the optimizer holds the sharded parameters
     optimizer_state = full_optimizer_state(model, optimizer)
@@ -351,8 +363,8 @@ def _save(run_dir, step, model, optimizer, run_args, ledger, data_dir, keep, mai
             plain.rotary.reset()
     if main_rank:
         state = {"args": run_args, "rng": rng_state(), "ledger": dataclasses.asdict(ledger)}
-        save_checkpoint(run_dir, step, plain, optimizer_state, state, data_dir, keep)
-        _write_json(run_dir / "cost.json", ledger.summary())
+        save_checkpoint(run_dir, step, plain, optimizer_state, state, tokenizer, keep)
+        write_json(run_dir / "cost.json", ledger.summary())
     if dist.is_initialized():
         dist.barrier()
 
@@ -365,16 +377,16 @@ def _reshard(model: Transformer) -> None:
             block.reshard()
 
 
-def _append(path: Path, line: dict) -> None:
+def append_metrics(path: Path, line: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(line) + "\n")
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int) -> None:
     """Drop lines past the checkpoint being resumed (a killed run may have logged steps it never saved)."""
     if not path.exists():
         return

@@ -1,0 +1,224 @@
+"""`leanseek rl`: GRPO with rule-based rewards on a verifiable task (DeepSeekMath section 4.1, R1 section 2.2).
+
+Each step draws `prompts` problems, samples `group` completions of each with the engine (temperature 1), rewards
+them with the task's strict checker, turns the rewards into group-relative advantages, and takes `mu` AdamW steps
+on the clipped objective (leanseek.rl.grpo). The reference model for the optional KL penalty is the starting
+checkpoint, frozen. Problems and sampling seeds are functions of (seed, step), so a resumed run reproduces the
+uninterrupted one. Held-out greedy accuracy is measured every `eval_every` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..data.tokenizer import END_OF_TURN, TextTokenizer
+from ..eval.tasks import complete, prompt_ids, summarise
+from ..infer.engine import Engine
+from ..model.hf import load_hf
+from ..tasks import get_task
+from ..train.checkpoint import (checkpoint_of, full_optimizer_state, latest_checkpoint, restore, rng_state,
+                                save_checkpoint)
+from ..train.cost import Ledger, detect_peak_tflops
+from ..train.pretrain import append_metrics, truncate_metrics, write_json
+from .grpo import LOSS_TYPES, SCALES, advantages, grpo_loss, kl_k3
+
+RESUME_KEYS = ("init", "task", "prompts", "group", "max_new_tokens", "temperature", "lr", "loss_type", "scale",
+               "eps_low", "eps_high", "beta", "mu", "format_reward", "keep_zero_std", "mask_truncated",
+               "shuffle_rewards", "seed", "pool")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data and output")
+    g.add_argument("--init", required=True, help="the run folder (or checkpoint) to start from, e.g. an SFT run")
+    g.add_argument("--task", required=True, help="sums, addition or countdown")
+    g.add_argument("--out", required=True, help="run folder: checkpoints/, latest, metrics.jsonl, cost.json")
+    g = p.add_argument_group("GRPO")
+    g.add_argument("--steps", type=int, default=100)
+    g.add_argument("--prompts", type=int, default=16, help="problems per step")
+    g.add_argument("--group", type=int, default=8, help="G: completions sampled per problem")
+    g.add_argument("--max-new-tokens", type=int, default=48)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--lr", type=float, default=5e-5)
+    g.add_argument("--loss-type", default="dapo", choices=LOSS_TYPES)
+    g.add_argument("--scale", default="group", choices=SCALES, help="advantage scaling (none: Dr. GRPO)")
+    g.add_argument("--eps-low", type=float, default=0.2)
+    g.add_argument("--eps-high", type=float, default=None, help="clip-higher (DAPO: 0.28); default eps-low")
+    g.add_argument("--beta", type=float, default=0.0, help="k3 KL penalty to the starting model (R1: 0.001)")
+    g.add_argument("--mu", type=int, default=1, help="optimizer steps per batch of samples")
+    g.add_argument("--format-reward", type=float, default=0.0, help="reward of a well-formed wrong answer")
+    g.add_argument("--keep-zero-std", action="store_true", help="keep groups whose rewards are all equal")
+    g.add_argument("--mask-truncated", action="store_true", help="no loss on completions cut off unfinished")
+    g.add_argument("--shuffle-rewards", action="store_true", help="control: rewards shuffled over the batch")
+    g.add_argument("--pool", type=int, default=20000, help="training problems to draw prompts from")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("runtime")
+    g.add_argument("--eval-every", type=int, default=25)
+    g.add_argument("--eval-problems", type=int, default=200, help="held-out problems per evaluation")
+    g.add_argument("--save-every", type=int, default=25)
+    g.add_argument("--keep", type=int, default=2)
+    g.add_argument("--threads", type=int)
+
+
+@dataclasses.dataclass
+class Batch:
+    """Sampled completions, ready for the loss: sequences [N, T], completion mask [N, T-1] over next-token
+    positions, rewards and advantages [N]."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    rewards: torch.Tensor
+    adv: torch.Tensor
+    stats: dict
+
+
+def token_logps(model, ids: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities [N, T-1] of each next token under the model at `temperature` (as sampled), and the
+    entropies of those distributions (detached)."""
+    logits = model(ids)[:, :-1].float() / temperature
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, ids[:, 1:, None])[..., 0]
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def sample_batch(engine: Engine, tokenizer: TextTokenizer, task, problems, args, step: int) -> Batch:
+    """G completions per problem, their rewards and group advantages (zero-std groups dropped unless kept)."""
+    G = args.group
+    seeds = [(args.seed * 1_000_003 + step) * 4096 + i for i in range(len(problems) * G)]
+    prompts = [prompt_ids(tokenizer, p) for p in problems for _ in range(G)]
+    end = tokenizer.token_id(END_OF_TURN)
+    outs = engine.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=seeds,
+                           stop=[end])
+    verdicts = [task.verdict(problems[i // G], tokenizer.decode(o)) for i, o in enumerate(outs)]
+    rewards = torch.tensor([v.reward(args.format_reward) for v in verdicts])
+    if args.shuffle_rewards:  # the control: the same rewards, detached from what earned them
+        rewards = rewards[torch.randperm(len(rewards), generator=torch.Generator().manual_seed(seeds[0]))]
+    adv = advantages(rewards, G, args.scale)
+    zero_std = rewards.view(-1, G).std(-1) == 0
+    keep = torch.ones(len(outs), dtype=torch.bool) if args.keep_zero_std else ~zero_std.repeat_interleave(G)
+    finished = torch.tensor([bool(o) and o[-1] == end for o in outs])
+    lengths = torch.tensor([len(o) for o in outs], dtype=torch.float)
+    stats = {"reward": float(rewards.mean()), "accuracy": sum(v.correct for v in verdicts) / len(verdicts),
+             "format_rate": sum(v.formatted for v in verdicts) / len(verdicts), "length": float(lengths.mean()),
+             "truncated": float((~finished).float().mean()), "zero_std_groups": float(zero_std.float().mean())}
+    T = max(len(p) + len(o) for p, o in zip(prompts, outs))
+    ids = torch.full((len(outs), T), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros(len(outs), T - 1)
+    for i, (p, o) in enumerate(zip(prompts, outs)):
+        ids[i, :len(p) + len(o)] = torch.tensor(p + o)
+        if keep[i] and (finished[i] or not args.mask_truncated):
+            mask[i, len(p) - 1:len(p) + len(o) - 1] = 1  # positions that predict the completion's tokens
+    rows = mask.sum(-1) > 0
+    return Batch(ids[rows], mask[rows], rewards[rows], adv[rows], stats)
+
+
+def evaluate(engine, tokenizer, task, problems, max_new_tokens: int) -> dict:
+    greedy = complete(engine, tokenizer, task, problems, max_new_tokens=max_new_tokens)
+    s = summarise(task, problems, greedy)["all"]
+    return {"eval_pass@1": s["pass@1"], "eval_format": s["format"], "eval_length": s["length"]}
+
+
+def run(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    task = get_task(args.task)
+    run_dir = Path(args.out)
+    init = checkpoint_of(Path(args.init))
+    tokenizer = TextTokenizer.load(init)
+    run_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "run"}
+    resume = latest_checkpoint(run_dir) if run_dir.exists() else None
+    model = load_hf(resume or init).train()
+    for r in model.routers():  # the routing bias stays as trained: RL has no balance objective of its own
+        if r.e_score_correction_bias is not None:
+            r.e_score_correction_bias.requires_grad_(False)
+    reference = copy.deepcopy(load_hf(init)).eval().requires_grad_(False) if args.beta else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    ledger = Ledger(devices=1, peak_tflops=detect_peak_tflops(torch.device("cpu"), torch.float32)[0],
+                    price_per_device_hour=0.05)
+    start = 0
+    if resume is not None:
+        start, saved = restore(resume, run_args, RESUME_KEYS, model, optimizer)
+        ledger = Ledger(**saved)
+    pool = task.train_set(args.pool, args.seed)
+    test = task.test_set(args.eval_problems)
+    max_len = max(len(prompt_ids(tokenizer, p)) for p in pool[:1000] + test) + args.max_new_tokens + 8
+    engine = Engine(model, tokenizer, max_batch=args.prompts * args.group, max_len=max_len)
+    metrics = run_dir / "metrics.jsonl"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    truncate_metrics(metrics, start)
+    if start == 0:
+        append_metrics(metrics, {"step": 0, **evaluate(engine, tokenizer, task, test, args.max_new_tokens)})
+    line: dict = {}
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"rl {task.name}", disable=None)
+    for step in bar:
+        t0 = time.perf_counter()
+        problems = random.Random(args.seed * 1_000_003 + step).sample(pool, args.prompts)
+        with torch.no_grad():
+            batch = sample_batch(engine, tokenizer, task, problems, args, step)
+        t_sample = time.perf_counter() - t0
+        model.train()
+        line = {"step": step + 1, **batch.stats}
+        if len(batch.ids):
+            line.update(_update(model, reference, optimizer, params, batch, args))
+        dt = time.perf_counter() - t0
+        tokens = int(batch.mask.sum())
+        ledger.wall_seconds += dt
+        ledger.tokens += tokens
+        ledger.flops += model.cfg.flops_per_token(batch.ids.shape[1], include_mtp=False) * batch.ids.numel()
+        line.update({"sample_seconds": t_sample, "seconds": dt})
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            line.update(evaluate(engine, tokenizer, task, test, args.max_new_tokens))
+        append_metrics(metrics, line)
+        bar.set_postfix(reward=f"{line['reward']:.2f}", len=f"{line['length']:.0f}",
+                        **({"eval": f"{line['eval_pass@1']:.2f}"} if "eval_pass@1" in line else {}))
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            state = {"args": run_args, "rng": rng_state(), "ledger": dataclasses.asdict(ledger)}
+            save_checkpoint(run_dir, step + 1, model, full_optimizer_state(model, optimizer), state, tokenizer,
+                            args.keep)
+            write_json(run_dir / "cost.json", ledger.summary())
+    bar.close()
+    return line
+
+
+def _update(model, reference, optimizer, params, batch: Batch, args) -> dict:
+    """mu optimizer steps on one batch of samples; returns the loss, entropy, KL and clip statistics."""
+    with torch.no_grad():
+        old, _ = token_logps(model, batch.ids, args.temperature)
+        ref = token_logps(reference, batch.ids, args.temperature)[0] if reference is not None else None
+    m = batch.mask
+    out = {}
+    for _ in range(args.mu):
+        logp, entropy = token_logps(model, batch.ids, args.temperature)
+        loss = grpo_loss(logp, old, ref, batch.adv, m, args.loss_type, args.eps_low, args.eps_high, args.beta)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+        optimizer.step()
+        with torch.no_grad():
+            ratio = torch.exp(logp - old)
+            eps_high = args.eps_low if args.eps_high is None else args.eps_high
+            a = batch.adv[:, None]
+            low = ((ratio < 1 - args.eps_low) & (a < 0)).float()
+            high = ((ratio > 1 + eps_high) & (a > 0)).float()
+            n = m.sum().clamp(min=1)
+            out = {"loss": float(loss.detach()), "grad_norm": grad_norm, "entropy": float((entropy * m).sum() / n),
+                   "clip_low": float((low * m).sum() / n), "clip_high": float((high * m).sum() / n),
+                   "clip_region": float(((low + high) * m).sum() / n), "lr": args.lr,
+                   "kl": float((kl_k3(logp, ref) * m).sum() / n) if ref is not None else 0.0}
+    return out
+
+
+def main_line(line: dict) -> str:
+    return json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()})

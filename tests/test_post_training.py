@@ -1,0 +1,86 @@
+"""leanseek sft, rl and eval end to end on a micro model: the SFT loss sees only assistant tokens, both stages
+resume exactly, and eval reports every metric."""
+
+import json
+import random
+import shutil
+import sys
+
+import pytest
+from test_pretrain import command, losses, run
+
+from leanseek.data.instructions import task_chats
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A micro model pretrained for 3 steps (the data fixture of test_pretrain, inlined)."""
+    from leanseek.data import collect, train_tokenizer, write_shards
+
+    root = tmp_path_factory.mktemp("post")
+    docs, stats = collect(["builtin:python-topics"])
+    tokenizer = train_tokenizer(iter(docs), 512)
+    tokenizer.save(root / "data")
+    write_shards(docs, tokenizer, root / "data", stats, val_fraction=0.05)
+    run(command(root / "data", root / "base", 3))
+    chats = task_chats(random.Random(0), "sums", 120, seed=0, think_rate=0.5)
+    (root / "chats.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    return root
+
+
+def sft(base, out, steps):
+    return [sys.executable, "-m", "leanseek", "sft", "--init", str(base / "base"), "--data", str(base / "chats.jsonl"),
+            "--out", str(out), "--steps", str(steps), "--batch-size", "4", "--seq-len", "64", "--save-every", "3",
+            "--eval-every", "3", "--eval-tokens", "256", "--peak-tflops", "1", "--threads", "1"]
+
+
+def rl(init, out, steps):
+    return [sys.executable, "-m", "leanseek", "rl", "--init", str(init), "--task", "sums", "--out", str(out),
+            "--steps", str(steps), "--prompts", "2", "--group", "4", "--max-new-tokens", "6", "--pool", "50",
+            "--eval-every", "2", "--eval-problems", "4", "--save-every", "1", "--keep", "5", "--keep-zero-std",
+            "--mu", "2", "--beta", "0.04", "--threads", "1"]
+
+
+def rewind(run_dir, to, copy):
+    """A copy of a finished run as a kill right after checkpoint `to` would leave it."""
+    shutil.copytree(run_dir, copy, symlinks=True)
+    for ckpt in (copy / "checkpoints").glob("step-*"):
+        if int(ckpt.name.removeprefix("step-")) > to:
+            shutil.rmtree(ckpt)
+    (copy / "latest").unlink()
+    (copy / "latest").symlink_to(f"checkpoints/step-{to:06d}")
+    return copy
+
+
+def metric_lines(path):
+    return [{k: v for k, v in json.loads(x).items() if "seconds" not in k and k not in ("tokens_per_s", "mfu")}
+            for x in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_resumes_exactly_and_rl_too(base, tmp_path):
+    run(sft(base, tmp_path / "sft", 6))
+    run(sft(base, rewind(tmp_path / "sft", 3, tmp_path / "sft-resumed"), 6))
+    assert losses(tmp_path / "sft") == losses(tmp_path / "sft-resumed")
+    first = json.loads((tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "initial_val_loss" in first and "unigram_val_bpb" not in first
+    config = json.loads((tmp_path / "sft" / "latest" / "tokenizer_config.json").read_text())
+    assert "<think>" in config["chat_template"]
+
+    run(rl(tmp_path / "sft", tmp_path / "rl", 3))
+    run(rl(tmp_path / "sft", rewind(tmp_path / "rl", 1, tmp_path / "rl-resumed"), 3))
+    straight = metric_lines(tmp_path / "rl")
+    assert straight == metric_lines(tmp_path / "rl-resumed")
+    assert [x["step"] for x in straight] == [0, 1, 2, 3]
+    for key in ("reward", "accuracy", "format_rate", "length", "entropy", "kl", "clip_region", "zero_std_groups"):
+        assert key in straight[1], key
+    assert "eval_pass@1" in straight[0] and "eval_pass@1" in straight[2]
+
+
+def test_eval_reports_every_metric(base, tmp_path):
+    out = tmp_path / "eval.json"
+    done = run([sys.executable, "-m", "leanseek", "eval", str(base / "base"), "--task", "sums", "--problems", "6",
+                "--k", "3", "--max-new-tokens", "5", "--json", str(out), "--threads", "1"])
+    assert "pass@1" in done.stdout and "maj@3" in done.stdout
+    metrics = json.loads(out.read_text())["metrics"]
+    assert set(metrics["all"]) == {"n", "pass@1", "format", "length", "pass@1 sampled", "pass@3", "maj@3"}
+    assert metrics["all"]["n"] == 6 and sum(v["n"] for k, v in metrics.items() if k != "all") == 6
