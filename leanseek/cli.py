@@ -192,6 +192,14 @@ def cmd_rl(args) -> None:
     print(f"checkpoints: {args.out}/checkpoints, newest: {args.out}/latest; per step: {args.out}/metrics.jsonl")
 
 
+def cmd_distill(args) -> None:
+    from .train.distill import run
+
+    r = run(args)
+    print(json.dumps(r, indent=2))
+    print(f"student: {args.out}/latest; {r['traces']} kept traces in {args.out}/traces.jsonl")
+
+
 def cmd_eval(args) -> None:
     import torch
 
@@ -277,6 +285,11 @@ def main(argv: list[str] | None = None) -> None:
 
     rl_arguments(p)
     p.set_defaults(run=cmd_rl)
+    p = sub.add_parser("distill", help="rejection-sample a teacher's reasoning on a task, SFT a smaller student")
+    from .train.distill import add_arguments as distill_arguments
+
+    distill_arguments(p)
+    p.set_defaults(run=cmd_distill)
     p = sub.add_parser("eval", help="pass@1, pass@k, maj@k, length and format rate on a task's held-out set")
     p.add_argument("model", help="a run folder or checkpoint")
     p.add_argument("--task", required=True)

@@ -84,3 +84,48 @@ def test_eval_reports_every_metric(base, tmp_path):
     metrics = json.loads(out.read_text())["metrics"]
     assert set(metrics["all"]) == {"n", "pass@1", "format", "length", "pass@1 sampled", "pass@3", "maj@3"}
     assert metrics["all"]["n"] == 6 and sum(v["n"] for k, v in metrics.items() if k != "all") == 6
+
+
+def test_distill_keeps_only_verified_traces_and_trains_a_smaller_student(base, tmp_path, monkeypatch):
+    """Rejection sampling keeps a problem's first correct sample and nothing from problems with none; the student
+    is built from the smaller preset with the teacher's tokenizer, trained, and both are evaluated."""
+    import argparse
+
+    from leanseek.eval import tasks as eval_tasks
+    from leanseek.model.hf import read_config
+    from leanseek.tasks import Verdict
+    from leanseek.train import distill
+
+    calls = []
+
+    def fake_complete(engine, tokenizer, task, problems, samples=1, temperature=0.0, max_new_tokens=64, seed=0):
+        calls.append(samples)
+        rows = []
+        for i, p in enumerate(problems):
+            good = tokenizer.encode(f"<think>{task.reasoning(p)}</think>{p.answer}<|end|>")
+            bad = tokenizer.encode("<think></think>1<|end|>")
+            right = Verdict(True, True, p.answer)
+            wrong = Verdict(False, True, "1")
+            row = [eval_tasks.Sample(bad, wrong)] * samples
+            if i % 2 == 0 and samples > 1:  # even problems: the second sample is right
+                row = [eval_tasks.Sample(bad, wrong), eval_tasks.Sample(good, right)]
+            rows.append(row)
+        return rows
+
+    monkeypatch.setattr(distill, "complete", fake_complete)
+    parser = argparse.ArgumentParser()
+    distill.add_arguments(parser)
+    args = parser.parse_args(["--teacher", str(base / "base"), "--student-preset", "nano", "--task", "sums",
+                              "--out", str(tmp_path / "d"), "--problems", "10", "--samples", "2", "--steps", "2",
+                              "--batch-size", "2", "--seq-len", "32", "--eval-problems", "4", "--threads", "1"])
+    result = distill.run(args)
+    kept = [json.loads(x)["messages"] for x in (tmp_path / "d" / "traces.jsonl").read_text().splitlines()]
+    assert len(kept) == 5 and result["traces"] == 5
+    task = __import__("leanseek.tasks", fromlist=["get_task"]).get_task("sums")
+    for chat in kept:
+        p = next(q for q in task.train_set(10, 1) if q.prompt == chat[0]["content"])
+        assert chat[1] == {"role": "assistant", "content": p.answer, "reasoning_content": task.reasoning(p)}
+    student, teacher = read_config(tmp_path / "d" / "latest"), read_config(base / "base" / "latest")
+    assert student.hidden_size == 128 and student.vocab_size == teacher.vocab_size
+    assert set(result) >= {"teacher", "student", "student/teacher"}
+    assert json.loads((tmp_path / "d" / "distill.json").read_text())["traces"] == 5

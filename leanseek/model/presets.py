@@ -4,6 +4,15 @@ _YARN_V3 = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 
             "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
 
 PRESETS: dict[str, dict] = {
+    # ~1.8M parameters, most of them the embedding and head: a student for distillation from tiny.
+    "nano": dict(
+        vocab_size=4096, hidden_size=128, intermediate_size=160, moe_intermediate_size=32,
+        num_hidden_layers=4, num_attention_heads=2, q_lora_rank=64, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
+        n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+        first_k_dense_replace=1, routed_scaling_factor=1.0, max_position_embeddings=1024,
+        num_nextn_predict_layers=1,
+    ),
     # ~5.4M parameters: the CPU default. V3's shape rules scaled down: q-LoRA, MLA latent and decoupled RoPE key;
     # fine-grained experts a quarter of the hidden size wide (V3: 2048 / 7168), top-4 of 16 within the best 2 of
     # 4 groups, plus a shared expert; a dense first layer as wide as the active experts ((1 + 4) x 64, as V3's
