@@ -200,6 +200,27 @@ def cmd_distill(args) -> None:
     print(f"student: {args.out}/latest; {r['traces']} kept traces in {args.out}/traces.jsonl")
 
 
+def cmd_serve(args) -> None:
+    import torch
+    import uvicorn
+
+    from .data.tokenizer import TextTokenizer
+    from .infer.engine import Engine
+    from .model.hf import load_hf
+    from .serve import create_app
+    from .train.checkpoint import checkpoint_of
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = checkpoint_of(Path(args.model))
+    model, tokenizer = load_hf(path), TextTokenizer.load(path)
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_len=args.max_len, compile=args.compile)
+    name = args.name or Path(args.model).resolve().name
+    app = create_app(engine, tokenizer, name, api_key=args.api_key, max_queue=args.max_queue)
+    print(f"serving {path} as {name!r} on http://{args.host}:{args.port} (OpenAI API at /v1)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
 def cmd_eval(args) -> None:
     import torch
 
@@ -285,6 +306,18 @@ def main(argv: list[str] | None = None) -> None:
 
     rl_arguments(p)
     p.set_defaults(run=cmd_rl)
+    p = sub.add_parser("serve", help="an OpenAI-compatible server over the engine")
+    p.add_argument("model", help="a run folder or checkpoint (a Hugging Face DeepseekV3/V2 folder with a tokenizer)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY")
+    p.add_argument("--name", help="the model id clients use (default: the folder's name)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded at once")
+    p.add_argument("--max-len", type=int, default=1024, help="tokens per sequence, prompt and reply")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait beyond --max-batch (then 429)")
+    p.add_argument("--compile", action="store_true", help="compiled decode steps (faster after a warm-up)")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(run=cmd_serve)
     p = sub.add_parser("distill", help="rejection-sample a teacher's reasoning on a task, SFT a smaller student")
     from .train.distill import add_arguments as distill_arguments
 

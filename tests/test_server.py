@@ -1,0 +1,155 @@
+"""leanseek serve, driven with the official openai client and raw HTTP: streaming and not, usage, stop strings,
+seeds, every error status, cancellation on disconnect."""
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from conftest import randomise, small_config
+
+import leanseek
+from leanseek.data import train_tokenizer
+from leanseek.data.chat import encode_chat
+from leanseek.serve import create_app
+
+TEXTS = ["What is the sum of numbers? A harbor is a port. Be brief and think about it."] * 50
+CHAT = [{"role": "user", "content": "What is a harbor?"}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = train_tokenizer(iter(TEXTS), 300)
+    torch.manual_seed(0)
+    model = randomise(leanseek.Transformer(small_config(vocab_size=tok.vocab_size)), seed=3)
+    return model, tok
+
+
+class Server:
+    def __init__(self, model, tok, **kw):
+        self.engine = leanseek.Engine(model, tok, max_batch=kw.pop("max_batch", 4), max_len=128)
+        self.app = create_app(self.engine, tok, "micro", **kw)
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture(scope="module")
+def server(setup):
+    with Server(*setup, max_queue=8) as s:
+        yield s
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+
+
+def test_models_health_and_chat(server, client, setup):
+    _, tok = setup
+    assert [m.id for m in client.models.list()] == ["micro"]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    r = client.chat.completions.create(model="micro", messages=CHAT, max_tokens=12, temperature=0.7, seed=5)
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert hasattr(choice.message, "reasoning_content") or "reasoning_content" in choice.message.model_extra
+    assert r.usage.prompt_tokens == len(encode_chat(tok, CHAT, add_generation_prompt=True)[0])
+    assert 1 <= r.usage.completion_tokens <= 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert choice.finish_reason in ("stop", "length")
+    again = client.chat.completions.create(model="micro", messages=CHAT, max_tokens=12, temperature=0.7, seed=5)
+    assert again.choices[0].message.content == choice.message.content  # seeded
+
+
+def test_streaming_matches_and_reports_usage(client):
+    kw = dict(model="micro", messages=CHAT, max_tokens=16, temperature=0.9, seed=11)
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
+                        for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert reasoning == (whole.choices[0].message.model_extra or {}).get("reasoning_content", "")
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+
+
+def test_stop_strings_and_completions(client):
+    base = client.completions.create(model="micro", prompt="A harbor is", max_tokens=20, temperature=0)
+    text = base.choices[0].text
+    assert len(text) > 4
+    stop = text[3:5]
+    cut = client.completions.create(model="micro", prompt="A harbor is", max_tokens=20, temperature=0, stop=[stop])
+    assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    assert len(client.chat.completions.create(model="micro", messages=CHAT, n=3, max_tokens=4, temperature=1,
+                                              seed=1).choices) == 3
+
+
+@pytest.mark.parametrize("body, status, where", [
+    ("{not json", 400, "not valid JSON"),
+    ({"model": "micro", "messages": CHAT, "temperature": "hot"}, 400, "temperature"),
+    ({"model": "micro", "messages": CHAT, "temperature": 5}, 400, "temperature"),
+    ({"model": "micro", "messages": CHAT, "top_p": 0}, 400, "top_p"),
+    ({"model": "micro", "messages": []}, 400, "messages"),
+    ({"model": "micro", "messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
+    ({"model": "gpt-9", "messages": CHAT}, 404, "gpt-9"),
+    ({"model": "micro", "messages": CHAT, "max_tokens": 100000}, 400, "exceeds the context"),
+    ({"model": "micro", "messages": CHAT, "n": 0}, 400, "n"),
+    ({"model": "micro", "messages": CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+])
+def test_errors_are_openai_bodies(server, body, status, where):
+    data = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(server.url + "/v1/chat/completions", content=data, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert where in r.json()["error"]["message"]
+
+
+def test_api_key_body_limit_queue_limit_and_disconnect(setup):
+    with Server(*setup, api_key="sekret", max_batch=1, max_queue=0, max_body_bytes=2000) as s:
+        wrong = openai.OpenAI(base_url=s.url + "/v1", api_key="nope")
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        assert httpx.get(s.url + "/v1/models").status_code == 401
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="sekret", max_retries=0)
+        big = httpx.post(s.url + "/v1/chat/completions", headers={"authorization": "Bearer sekret"},
+                         json={"model": "micro", "messages": [{"role": "user", "content": "x" * 5000}]})
+        assert big.status_code == 413
+        stream = client.chat.completions.create(model="micro", messages=CHAT, max_tokens=100, temperature=1,
+                                                stream=True)
+        next(iter(stream))
+        with pytest.raises(openai.RateLimitError):  # the one slot is busy and nothing may wait
+            client.chat.completions.create(model="micro", messages=CHAT, max_tokens=2)
+        stream.close()  # the client leaves: its generation is cancelled and the slot freed
+        for _ in range(200):
+            if not s.engine.pending:
+                break
+            time.sleep(0.02)
+        assert not s.engine.pending
+        assert client.chat.completions.create(model="micro", messages=CHAT, max_tokens=2).choices
+        metrics = httpx.get(s.url + "/metrics").text
+        assert "leanseek_requests_total" in metrics and "leanseek_queue_depth 0" in metrics
