@@ -201,6 +201,8 @@ def cmd_distill(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    import threading
+
     import torch
     import uvicorn
 
@@ -216,9 +218,23 @@ def cmd_serve(args) -> None:
     model, tokenizer = load_hf(path), TextTokenizer.load(path)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_len=args.max_len, compile=args.compile)
     name = args.name or Path(args.model).resolve().name
-    app = create_app(engine, tokenizer, name, api_key=args.api_key, max_queue=args.max_queue)
+    app = create_app(engine, tokenizer, name, api_key=args.api_key, max_queue=args.max_queue, worker_thread=False)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+    server.install_signal_handlers = lambda: None  # Ctrl-C reaches the main thread, which stops both
+    http = threading.Thread(target=server.run, daemon=True)
+    http.start()
+    while not server.started:
+        if not http.is_alive():
+            sys.exit(f"could not serve on {args.host}:{args.port} (is the port in use?)")
+        time.sleep(0.05)
     print(f"serving {path} as {name!r} on http://{args.host}:{args.port} (OpenAI API at /v1)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    try:
+        app.state.worker.run()  # the engine in the main thread (see leanseek.serve.worker)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        http.join(timeout=10)
 
 
 def cmd_eval(args) -> None:

@@ -11,6 +11,8 @@ import openai
 import pytest
 import torch
 import uvicorn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from conftest import randomise, small_config
 
 import leanseek
@@ -153,3 +155,31 @@ def test_api_key_body_limit_queue_limit_and_disconnect(setup):
         assert client.chat.completions.create(model="micro", messages=CHAT, max_tokens=2).choices
         metrics = httpx.get(s.url + "/metrics").text
         assert "leanseek_requests_total" in metrics and "leanseek_queue_depth 0" in metrics
+
+
+JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12),
+                         st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20))
+JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                                   st.dictionaries(st.text(max_size=8), inner,
+                                                                                   max_size=3)), max_leaves=6)
+FIELDS = ["model", "messages", "prompt", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop",
+          "seed", "n", "presence_penalty", "frequency_penalty", "stream", "stream_options"]
+MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool", 3]),
+                                 "content": st.one_of(st.text(max_size=30), st.integers(), st.none())})
+SMALL = {"max_tokens": st.integers(-2, 140), "n": st.integers(-1, 3), "model": st.sampled_from(["micro", "x", 1]),
+         "messages": st.lists(MESSAGE, max_size=3), "prompt": st.one_of(st.text(max_size=30), JSON_VALUES),
+         "stream": st.booleans()}
+BODIES = st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=8).flatmap(
+    lambda d: st.fixed_dictionaries({k: SMALL.get(k, st.just(v)) for k, v in d.items()}))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=BODIES, path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]))
+def test_fuzzed_requests_never_get_a_5xx(server, body, path):
+    """Random bodies, well-typed or not: every answer is a 2xx or a 4xx with an OpenAI error body, and the server
+    keeps serving."""
+    r = httpx.post(server.url + path, json=body, timeout=60)
+    assert r.status_code < 500, (body, r.text)
+    if r.status_code >= 400:
+        assert "message" in r.json()["error"]
+    assert httpx.get(server.url + "/health").status_code == 200

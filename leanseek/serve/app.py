@@ -110,12 +110,14 @@ class TextStream:
 
 
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None, max_queue: int = 64,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, worker_thread: bool = True) -> FastAPI:
+    """The app. worker_thread: run the engine loop in a thread started with the app; otherwise the caller runs
+    app.state.worker.run() (leanseek serve does, in the main thread)."""
     worker = EngineWorker(engine, max_queue)
     end = tokenizer.token_id(END_OF_TURN)
     stats = {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0, "latency_sum": 0.0,
              "latency_count": 0, "ttft_sum": 0.0, "ttft_count": 0}
-    app = FastAPI(title="leanseek", on_startup=[worker.start], on_shutdown=[worker.close])
+    app = FastAPI(title="leanseek", on_startup=[worker.start] if worker_thread else [], on_shutdown=[worker.close])
 
     def error_body(e: ApiError) -> JSONResponse:
         stats["errors"] += 1
