@@ -200,6 +200,23 @@ def cmd_distill(args) -> None:
     print(f"student: {args.out}/latest; {r['traces']} kept traces in {args.out}/traces.jsonl")
 
 
+def cmd_chat(args) -> None:
+    import torch
+
+    from .data.tokenizer import TextTokenizer
+    from .infer.engine import Engine
+    from .model.hf import load_hf
+    from .serve.terminal import TerminalChat
+    from .train.checkpoint import checkpoint_of
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = checkpoint_of(Path(args.model))
+    model, tokenizer = load_hf(path), TextTokenizer.load(path)
+    engine = Engine(model, tokenizer, max_batch=1, max_len=args.max_len)
+    TerminalChat(engine, tokenizer, temperature=args.temperature, max_new_tokens=args.max_new_tokens).run()
+
+
 def cmd_serve(args) -> None:
     import threading
 
@@ -322,6 +339,13 @@ def main(argv: list[str] | None = None) -> None:
 
     rl_arguments(p)
     p.set_defaults(run=cmd_rl)
+    p = sub.add_parser("chat", help="talk to a model in the terminal (streaming, /reset, /temperature, /think)")
+    p.add_argument("model", help="a run folder or checkpoint")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-len", type=int, default=1024, help="tokens of the whole conversation")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(run=cmd_chat)
     p = sub.add_parser("serve", help="an OpenAI-compatible server over the engine")
     p.add_argument("model", help="a run folder or checkpoint (a Hugging Face DeepseekV3/V2 folder with a tokenizer)")
     p.add_argument("--host", default="127.0.0.1")

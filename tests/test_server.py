@@ -1,6 +1,7 @@
 """leanseek serve, driven with the official openai client and raw HTTP: streaming and not, usage, stop strings,
 seeds, every error status, cancellation on disconnect."""
 
+import io
 import json
 import socket
 import threading
@@ -183,3 +184,32 @@ def test_fuzzed_requests_never_get_a_5xx(server, body, path):
     if r.status_code >= 400:
         assert "message" in r.json()["error"]
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_terminal_chat(setup):
+    from leanseek.serve.terminal import TerminalChat
+
+    model, tok = setup
+
+    def session(lines):
+        out = io.StringIO()
+        chat = TerminalChat(leanseek.Engine(model, tok, max_batch=1, max_len=128), tok, temperature=0,
+                            max_new_tokens=6, out=out, color=False)
+        feed = iter(lines)
+
+        def read(_prompt):
+            try:
+                return next(feed)
+            except StopIteration:
+                raise EOFError from None
+
+        chat.run(read)
+        return chat, out.getvalue()
+
+    chat, text = session(["hello \\", "there", "/think off", "hi", "/temperature -1", "/temperature 0.5"])
+    assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]
+    assert chat.messages[0]["content"] == "hello \nthere"  # a trailing backslash continues the message
+    assert not chat.think and chat.temperature == 0.5
+    assert "(thinking off)" in text and "needs a number >= 0" in text
+    chat, text = session(["hello", "/reset", "/nonsense"])
+    assert chat.messages == [] and "(new conversation)" in text and "/think on|off" in text

@@ -26,8 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..data.chat import encode_chat
-from ..data.tokenizer import END_OF_TURN, END_THINK, THINK
+from ..data.tokenizer import END_OF_TURN
 from ..infer.engine import Engine
+from .text import TextStream
 from .worker import EngineWorker, Event, Handle, QueueFull
 
 MAX_BODY_BYTES = 1 << 20
@@ -73,40 +74,6 @@ class ChatRequest(Sampling):
 
 class CompletionRequest(Sampling):
     prompt: str
-
-
-class TextStream:
-    """A completion's tokens as they arrive, split into reasoning (inside <think>) and answer text, cut at a stop
-    string; text that may still turn into a stop string, or an incomplete UTF-8 character, is held back."""
-
-    def __init__(self, tokenizer, stop: list[str], chat: bool):
-        self.tokenizer, self.stop, self.chat = tokenizer, stop, chat
-        self.ids: list[int] = []
-        self.sent = ["", ""]
-
-    def parts(self, final: bool = False) -> tuple[str, str]:
-        text = self.tokenizer.decode(self.ids).split(END_OF_TURN)[0]
-        reasoning, content = "", text
-        if self.chat and text.startswith(THINK):
-            reasoning, _, content = text[len(THINK):].partition(END_THINK)
-            if END_THINK not in text:
-                reasoning, content = text[len(THINK):], ""
-        for s in self.stop:
-            content = content.split(s)[0]
-        if not final:
-            content = content.rstrip("\ufffd")
-            reasoning = reasoning.rstrip("\ufffd")
-            held = max((k for s in self.stop for k in range(1, len(s)) if content.endswith(s[:k])), default=0)
-            content = content[: len(content) - held]
-        return reasoning, content
-
-    def feed(self, tokens: list[int], final: bool = False) -> tuple[str, str]:
-        """The new (reasoning, answer) text since the last call."""
-        self.ids += tokens
-        parts = self.parts(final)
-        delta = tuple(p[len(s):] if p.startswith(s) else "" for p, s in zip(parts, self.sent))
-        self.sent = [p if p.startswith(s) else s for p, s in zip(parts, self.sent)]
-        return delta
 
 
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None, max_queue: int = 64,
