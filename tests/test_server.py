@@ -213,3 +213,13 @@ def test_terminal_chat(setup):
     assert "(thinking off)" in text and "needs a number >= 0" in text
     chat, text = session(["hello", "/reset", "/nonsense"])
     assert chat.messages == [] and "(new conversation)" in text and "/think on|off" in text
+
+
+def test_web_chat_page_is_self_contained(server):
+    r = httpx.get(server.url + "/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    page = r.text
+    for needed in ('id="stop"', 'id="regenerate"', 'id="new-chat"', 'id="temperature"', "reasoning_content",
+                   'class="thinking"', "/v1/chat/completions"):
+        assert needed in page
+    assert "http://" not in page and "https://" not in page  # nothing from a CDN: it works offline

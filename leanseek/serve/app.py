@@ -1,5 +1,6 @@
 """`leanseek serve`: an OpenAI-compatible HTTP API over the engine's continuous batching (FastAPI + uvicorn).
 
+    GET  /                      the web chat (one page, no outside assets)
     GET  /v1/models, /health, /metrics (Prometheus text)
     POST /v1/chat/completions   messages -> the assistant's reply, the reasoning as `reasoning_content` beside
                                 `content`, as DeepSeek's API returns it; streamed as server-sent events or not
@@ -16,12 +17,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from pathlib import Path
 from collections.abc import AsyncIterator
 from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -117,6 +119,12 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         if size is not None and size.isdigit() and int(size) > max_body_bytes:
             return error_body(ApiError(413, f"the body has {size} bytes; the limit is {max_body_bytes}"))
         return await call_next(request)
+
+    page = (Path(__file__).parent / "web" / "index.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def web_chat():
+        return page
 
     @app.get("/health")
     async def health():
