@@ -40,8 +40,8 @@ def setup():
 
 
 class Server:
-    def __init__(self, model, tok, **kw):
-        self.engine = leanseek.Engine(model, tok, max_batch=kw.pop("max_batch", 4), max_len=128)
+    def __init__(self, model, tok, engine=None, **kw):
+        self.engine = engine or leanseek.Engine(model, tok, max_batch=kw.pop("max_batch", 4), max_len=128)
         self.app = create_app(self.engine, tok, "micro", **kw)
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))

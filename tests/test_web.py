@@ -1,0 +1,89 @@
+"""The web chat in headless Chromium (Debian's, driven by Playwright): type a message, see the reply stream with
+its thinking panel and Markdown, stop a reply, start a new chat. The model is scripted, so the page is what is
+tested: every request gets a fixed reply, one token per engine step."""
+
+import itertools
+import os
+import time
+
+import pytest
+from conftest import quiet  # noqa: F401
+from test_server import TEXTS, Server
+
+from leanseek.data import train_tokenizer
+from leanseek.infer.engine import Output
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (.ci/run installs it)")
+
+
+class ScriptedEngine:
+    """The engine's interface, with canned replies; `pending` and `cancel` behave as the engine's do."""
+
+    def __init__(self, replies: list[list[int]], delay: float = 0.02):
+        self.replies, self.delay, self.max_batch = replies, delay, 4
+        self.running: dict[int, tuple[list[int], int]] = {}
+        self._ids, self._calls = itertools.count(), itertools.count()
+
+    def submit(self, prompt, **params) -> int:
+        rid = next(self._ids)
+        self.running[rid] = (self.replies[next(self._calls) % len(self.replies)], 0)
+        return rid
+
+    def cancel(self, rid: int) -> bool:
+        return self.running.pop(rid, None) is not None
+
+    @property
+    def pending(self) -> int:
+        return len(self.running)
+
+    def step(self) -> list[Output]:
+        time.sleep(self.delay)
+        outs = []
+        for rid, (reply, i) in list(self.running.items()):
+            done = i + 1 == len(reply)
+            outs.append(Output(rid, [reply[i]], done))
+            if done:
+                del self.running[rid]
+            else:
+                self.running[rid] = (reply, i + 1)
+        return outs
+
+
+def test_web_chat_streams_thinks_stops_and_starts_over():
+    from playwright.sync_api import expect, sync_playwright
+
+    tok = train_tokenizer(iter(TEXTS + ["print more words"] * 20), 300)
+    first = tok.encode("<think>Let me think about the harbor.</think>A **harbor** is a port.\n\n"
+                       "```python\nprint(1 < 2)\n```<|end|>")
+    long = tok.encode("<think>Hmm.</think>" + " more words" * 300 + "<|end|>")
+    engine = ScriptedEngine([first, long])
+    with Server(None, tok, engine=engine) as server, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(server.url)
+        page.fill("#input", "What is a harbor?")
+        page.press("#input", "Enter")
+        reply = page.locator(".msg.assistant").nth(0)
+        expect(reply.locator(".reasoning")).to_have_text("Let me think about the harbor.")
+        expect(reply.locator(".content strong")).to_have_text("harbor")
+        expect(reply.locator("pre code")).to_have_text("print(1 < 2)")
+        expect(page.locator("#send")).to_be_enabled()
+        assert reply.locator(".thinking").is_visible()
+
+        page.fill("#input", "Tell me more")
+        page.click("#send")
+        second = page.locator(".msg.assistant").nth(1)
+        expect(second.locator(".content")).to_contain_text("more words")  # streaming has begun
+        page.click("#stop")
+        expect(second).to_contain_text("(stopped)")
+        for _ in range(100):  # the server cancels the generation
+            if not engine.pending:
+                break
+            time.sleep(0.05)
+        assert not engine.pending
+        assert second.locator(".content").inner_text().count("more words") < 300
+
+        page.click("#new-chat")
+        expect(page.locator(".msg")).to_have_count(0)
+        browser.close()
