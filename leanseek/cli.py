@@ -226,16 +226,18 @@ def cmd_serve(args) -> None:
     from .data.tokenizer import TextTokenizer
     from .infer.engine import Engine
     from .model.hf import load_hf
+    from .data.chat import chat_format
     from .serve import create_app
     from .train.checkpoint import checkpoint_of
 
     if args.threads:
         torch.set_num_threads(args.threads)
     path = checkpoint_of(Path(args.model))
-    model, tokenizer = load_hf(path), TextTokenizer.load(path)
+    model, tokenizer = load_hf(path), TextTokenizer.load(path, strict=False)  # any DeepSeek-architecture folder
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_len=args.max_len, compile=args.compile)
     name = args.name or Path(args.model).resolve().name
-    app = create_app(engine, tokenizer, name, api_key=args.api_key, max_queue=args.max_queue, worker_thread=False)
+    app = create_app(engine, tokenizer, name, api_key=args.api_key, max_queue=args.max_queue, worker_thread=False,
+                     chat_format=chat_format(path))
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
     server.install_signal_handlers = lambda: None  # Ctrl-C reaches the main thread, which stops both
     http = threading.Thread(target=server.run, daemon=True)

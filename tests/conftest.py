@@ -1,11 +1,14 @@
+import itertools
 import os
 import random
+import time
 import warnings
 
 import pytest
 import torch
 
 import leanseek
+from leanseek.infer.engine import Output
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -56,3 +59,38 @@ def quiet():
 @pytest.fixture
 def rng():
     return random.Random(0)
+
+
+class ScriptedEngine:
+    """The engine's interface, with canned replies; `pending` and `cancel` behave as the engine's do."""
+
+    def __init__(self, replies: list[list[int]], delay: float = 0.02):
+        self.replies, self.delay, self.max_batch = replies, delay, 4
+        self.running: dict[int, tuple[list[int], int]] = {}
+        self._ids, self._calls = itertools.count(), itertools.count()
+        self.prompts: list[list[int]] = []
+
+    def submit(self, prompt, **params) -> int:
+        self.prompts.append(prompt)
+        rid = next(self._ids)
+        self.running[rid] = (self.replies[next(self._calls) % len(self.replies)], 0)
+        return rid
+
+    def cancel(self, rid: int) -> bool:
+        return self.running.pop(rid, None) is not None
+
+    @property
+    def pending(self) -> int:
+        return len(self.running)
+
+    def step(self) -> list[Output]:
+        time.sleep(self.delay)
+        outs = []
+        for rid, (reply, i) in list(self.running.items()):
+            done = i + 1 == len(reply)
+            outs.append(Output(rid, [reply[i]], done))
+            if done:
+                del self.running[rid]
+            else:
+                self.running[rid] = (reply, i + 1)
+        return outs

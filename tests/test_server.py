@@ -14,7 +14,7 @@ import torch
 import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from conftest import randomise, small_config
+from conftest import ScriptedEngine, quiet, randomise, small_config  # noqa: F401
 
 import leanseek
 from leanseek.data import train_tokenizer
@@ -223,3 +223,44 @@ def test_web_chat_page_is_self_contained(server):
                    'class="thinking"', "/v1/chat/completions"):
         assert needed in page
     assert "http://" not in page and "https://" not in page  # nothing from a CDN: it works offline
+
+
+def test_serving_a_hugging_face_folder_with_its_own_tokenizer(tmp_path, quiet):  # noqa: F811
+    """A DeepSeek-style folder: its own special tokens, its chat template (whose generation prompt opens the
+    think block) and its EOS. The prompt is what transformers' apply_chat_template gives; the reply splits into
+    reasoning and answer at </think> and ends at the folder's EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer
+
+    from leanseek.data import TextTokenizer
+    from leanseek.data.chat import chat_format
+
+    bos, eos, user, assistant = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=300, special_tokens=[bos, eos, user, assistant,
+                                                                                       "<think>", "</think>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.save(str(tmp_path / "tokenizer.json"))
+    template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}" + user + "{{ m['content'] }}"
+                "{% elif m['role'] == 'assistant' %}" + assistant + "{{ m['content'] }}" + eos + "{% endif %}"
+                "{% endfor %}{% if add_generation_prompt %}" + assistant + "<think>\n{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": {"__type": "AddedToken", "content": bos},
+        "eos_token": eos,
+        "chat_template": template}))
+    leanseek.save_hf(leanseek.Transformer(small_config(vocab_size=tk.get_vocab_size())), tmp_path)
+    tok = TextTokenizer.load(tmp_path, strict=False)
+    engine = ScriptedEngine([tok.encode("Adding up.</think>It is 5." + eos)], delay=0)
+    with Server(None, tok, engine=engine, chat_format=chat_format(tmp_path)) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="none")
+        r = client.chat.completions.create(model="micro", messages=CHAT)
+        streamed = list(client.chat.completions.create(model="micro", messages=CHAT, stream=True))
+    theirs = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(CHAT, add_generation_prompt=True)
+    theirs = theirs["input_ids"] if hasattr(theirs, "keys") else theirs
+    assert engine.prompts[0] == list(theirs)
+    message = r.choices[0].message
+    assert message.content == "It is 5." and message.model_extra["reasoning_content"] == "Adding up."
+    assert r.choices[0].finish_reason == "stop"
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "It is 5."

@@ -2,52 +2,17 @@
 its thinking panel and Markdown, stop a reply, start a new chat. The model is scripted, so the page is what is
 tested: every request gets a fixed reply, one token per engine step."""
 
-import itertools
 import os
 import time
 
 import pytest
-from conftest import quiet  # noqa: F401
+from conftest import ScriptedEngine
 from test_server import TEXTS, Server
 
 from leanseek.data import train_tokenizer
-from leanseek.infer.engine import Output
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (.ci/run installs it)")
-
-
-class ScriptedEngine:
-    """The engine's interface, with canned replies; `pending` and `cancel` behave as the engine's do."""
-
-    def __init__(self, replies: list[list[int]], delay: float = 0.02):
-        self.replies, self.delay, self.max_batch = replies, delay, 4
-        self.running: dict[int, tuple[list[int], int]] = {}
-        self._ids, self._calls = itertools.count(), itertools.count()
-
-    def submit(self, prompt, **params) -> int:
-        rid = next(self._ids)
-        self.running[rid] = (self.replies[next(self._calls) % len(self.replies)], 0)
-        return rid
-
-    def cancel(self, rid: int) -> bool:
-        return self.running.pop(rid, None) is not None
-
-    @property
-    def pending(self) -> int:
-        return len(self.running)
-
-    def step(self) -> list[Output]:
-        time.sleep(self.delay)
-        outs = []
-        for rid, (reply, i) in list(self.running.items()):
-            done = i + 1 == len(reply)
-            outs.append(Output(rid, [reply[i]], done))
-            if done:
-                del self.running[rid]
-            else:
-                self.running[rid] = (reply, i + 1)
-        return outs
 
 
 def test_web_chat_streams_thinks_stops_and_starts_over():

@@ -12,6 +12,7 @@ carry `reasoning_content`, as in DeepSeek's API.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -29,7 +30,18 @@ CHAT_TEMPLATE = (
 )
 ROLES = ("system", "user", "assistant")
 
-_template = ImmutableSandboxedEnvironment().from_string(CHAT_TEMPLATE)
+def _environment() -> ImmutableSandboxedEnvironment:
+    """Jinja as transformers sets it up for chat templates."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+
+    def raise_exception(message):
+        raise ChatError(message)
+
+    env.globals["raise_exception"] = raise_exception
+    return env
+
+
+_template = _environment().from_string(CHAT_TEMPLATE)
 
 
 class ChatError(ValueError):
@@ -89,3 +101,46 @@ def read_chats(path: str | Path) -> list[list[dict]]:
     if not chats:
         raise ChatError(f"{path}: no conversations")
     return chats
+
+
+@dataclass
+class ChatFormat:
+    """How a model writes conversations: its chat template, the text of the token that ends an assistant turn,
+    and what else the template reads (bos_token, eos_token). leanseek's own, or a Hugging Face model's."""
+
+    template: str
+    end: str
+    context: dict = field(default_factory=dict)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        if self.template == CHAT_TEMPLATE:
+            return render(messages, add_generation_prompt)
+        return _environment().from_string(self.template).render(messages=messages,
+                                                                add_generation_prompt=add_generation_prompt,
+                                                                **self.context)
+
+
+LEANSEEK_CHAT = ChatFormat(CHAT_TEMPLATE, END_OF_TURN)
+
+
+def chat_format(folder: str | Path) -> ChatFormat:
+    """The chat format of a checkpoint folder, from its tokenizer_config.json (or chat_template.jinja)."""
+    folder = Path(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if template is None and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if template is None:
+        raise ChatError(f"{folder}: no chat template (tokenizer_config.json has no chat_template)")
+    if template == CHAT_TEMPLATE:
+        return LEANSEEK_CHAT
+
+    def text(token):  # a special token is written as a string or as {"content": ...}
+        return token.get("content") if isinstance(token, dict) else token
+
+    bos, eos = text(config.get("bos_token")), text(config.get("eos_token"))
+    if not eos:
+        raise ChatError(f"{folder}: tokenizer_config.json names no eos_token to end a reply")
+    return ChatFormat(template, eos, {"bos_token": bos or "", "eos_token": eos})

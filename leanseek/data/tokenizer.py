@@ -34,10 +34,11 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
 class TextTokenizer:
     """A thin wrapper over a `tokenizers.Tokenizer` with leanseek's special tokens."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, strict: bool = True):
+        """strict: require leanseek's special tokens (a foreign model's tokenizer, for serving, has its own)."""
         self.tk = tokenizer
         missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
-        if missing:
+        if missing and strict:
             raise ValueError(f"tokenizer lacks the special tokens {missing}")
         self.bos_id, self.eos_id, self.pad_id = (tokenizer.token_to_id(t) for t in (BOS, EOS, PAD))
 
@@ -77,11 +78,11 @@ class TextTokenizer:
             write_text_atomic(folder / name, text)
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> "TextTokenizer":
+    def load(cls, folder: str | os.PathLike, strict: bool = True) -> "TextTokenizer":
         path = Path(folder) / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: train one with `leanseek data`")
-        return cls(Tokenizer.from_file(str(path)))
+        return cls(Tokenizer.from_file(str(path)), strict)
 
 
 def train_tokenizer(texts: Iterator[str], vocab_size: int) -> TextTokenizer:

@@ -27,8 +27,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..data.chat import encode_chat
-from ..data.tokenizer import END_OF_TURN
+from ..data.chat import LEANSEEK_CHAT, ChatFormat
+from ..data.tokenizer import THINK
 from ..infer.engine import Engine
 from .text import TextStream
 from .worker import EngineWorker, Event, Handle, QueueFull
@@ -79,11 +79,16 @@ class CompletionRequest(Sampling):
 
 
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None, max_queue: int = 64,
-               max_body_bytes: int = MAX_BODY_BYTES, worker_thread: bool = True) -> FastAPI:
-    """The app. worker_thread: run the engine loop in a thread started with the app; otherwise the caller runs
-    app.state.worker.run() (leanseek serve does, in the main thread)."""
+               max_body_bytes: int = MAX_BODY_BYTES, worker_thread: bool = True,
+               chat_format: ChatFormat = LEANSEEK_CHAT) -> FastAPI:
+    """The app. chat_format: how the model writes conversations (leanseek's, or a Hugging Face folder's template
+    and end-of-reply token: leanseek.data.chat.chat_format). worker_thread: run the engine loop in a thread
+    started with the app; otherwise the caller runs app.state.worker.run() (leanseek serve does, in the main
+    thread)."""
     worker = EngineWorker(engine, max_queue)
-    end = tokenizer.token_id(END_OF_TURN)
+    end = tokenizer.token_id(chat_format.end)
+    if end is None:
+        raise ValueError(f"the tokenizer has no token {chat_format.end!r} to end a reply")
     stats = {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0, "latency_sum": 0.0,
              "latency_count": 0, "ttft_sum": 0.0, "ttft_count": 0}
     app = FastAPI(title="leanseek", on_startup=[worker.start] if worker_thread else [], on_shutdown=[worker.close])
@@ -216,9 +221,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             raise ApiError(400, "messages: the conversation is empty", param="messages")
         max_tokens = req.max_completion_tokens or req.max_tokens
         params, stop = params_of(req, max_tokens)
-        prompt = encode_chat(tokenizer, [m.model_dump(exclude_none=True) for m in req.messages],
-                             add_generation_prompt=True)[0]
-        return await respond(req, request, prompt, params, stop, chat=True)
+        text = chat_format.render([m.model_dump(exclude_none=True) for m in req.messages], add_generation_prompt=True)
+        prompt = tokenizer.encode(text)
+        opened = THINK if text.rstrip().endswith(THINK) else ""  # the template opened the reasoning itself
+        return await respond(req, request, prompt, params, stop, chat=True, prefix=opened)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -228,11 +234,12 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             raise ApiError(400, "prompt: empty", param="prompt")
         return await respond(req, request, prompt, params, stop, chat=False)
 
-    async def respond(req: Sampling, request: Request, prompt: list[int], params: dict, stop: list[str], chat: bool):
+    async def respond(req: Sampling, request: Request, prompt: list[int], params: dict, stop: list[str], chat: bool,
+                      prefix: str = ""):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         handles = await run(prompt, params, req.seed, req.n)
-        streams = [TextStream(tokenizer, stop, chat) for _ in handles]
+        streams = [TextStream(tokenizer, stop, chat, chat_format.end, prefix) for _ in handles]
         max_tokens = params["max_new_tokens"]
         if not req.stream:
             ends = []

@@ -10,13 +10,15 @@ class TextStream:
     """A completion's tokens as they arrive, split into reasoning (inside <think>) and answer text, cut at a stop
     string; text that may still turn into a stop string, or an incomplete UTF-8 character, is held back."""
 
-    def __init__(self, tokenizer, stop: list[str], chat: bool):
-        self.tokenizer, self.stop, self.chat = tokenizer, stop, chat
+    def __init__(self, tokenizer, stop: list[str], chat: bool, end: str = END_OF_TURN, prefix: str = ""):
+        """end: the text of the token that ends the reply; prefix: text the prompt already opened the reply with
+        (a template whose generation prompt ends in <think>)."""
+        self.tokenizer, self.stop, self.chat, self.end, self.prefix = tokenizer, stop, chat, end, prefix
         self.ids: list[int] = []
         self.sent = ["", ""]
 
     def parts(self, final: bool = False) -> tuple[str, str]:
-        text = self.tokenizer.decode(self.ids).split(END_OF_TURN)[0]
+        text = (self.prefix + self.tokenizer.decode(self.ids)).split(self.end)[0]
         reasoning, content = "", text
         if self.chat and text.startswith(THINK):
             reasoning, _, content = text[len(THINK):].partition(END_THINK)
