@@ -142,6 +142,9 @@ def test_api_key_body_limit_queue_limit_and_disconnect(setup):
         big = httpx.post(s.url + "/v1/chat/completions", headers={"authorization": "Bearer sekret"},
                          json={"model": "micro", "messages": [{"role": "user", "content": "x" * 5000}]})
         assert big.status_code == 413
+        chunked = httpx.post(s.url + "/v1/chat/completions", headers={"authorization": "Bearer sekret"},
+                             content=iter([b'{"model": "micro", ', b'"messages": []}']))
+        assert chunked.status_code == 411
         stream = client.chat.completions.create(model="micro", messages=CHAT, max_tokens=100, temperature=1,
                                                 stream=True)
         next(iter(stream))

@@ -8,8 +8,8 @@
 
 Errors come back as OpenAI error bodies ({"error": {"message", "type", "param", "code"}}) with the right status:
 400 for bad input (malformed JSON, wrong types, out-of-range values, an empty conversation, a context overflow),
-401 for a missing or wrong API key when one is set, 404 for an unknown model, 413 for an oversized body, 429 when
-the queue is full. A client that disconnects mid-stream cancels its generation.
+401 for a missing or wrong API key when one is set, 404 for an unknown model, 411 for a body without a length, 413
+for an oversized body, 429 when the queue is full. A client that disconnects mid-stream cancels its generation.
 """
 
 from __future__ import annotations
@@ -121,6 +121,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 return error_body(ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)",
                                            kind="authentication_error", code="invalid_api_key"))
         size = request.headers.get("content-length")
+        if request.method == "POST" and not (size or "").isdigit():  # a streamed body of unknown size
+            return error_body(ApiError(411, "send the body with a Content-Length header"))
         if size is not None and size.isdigit() and int(size) > max_body_bytes:
             return error_body(ApiError(413, f"the body has {size} bytes; the limit is {max_body_bytes}"))
         return await call_next(request)
