@@ -69,6 +69,7 @@ class ScriptedEngine:
         self.running: dict[int, tuple[list[int], int]] = {}
         self._ids, self._calls = itertools.count(), itertools.count()
         self.prompts: list[list[int]] = []
+        self.cancelled = 0
 
     def submit(self, prompt, **params) -> int:
         self.prompts.append(prompt)
@@ -77,7 +78,9 @@ class ScriptedEngine:
         return rid
 
     def cancel(self, rid: int) -> bool:
-        return self.running.pop(rid, None) is not None
+        found = self.running.pop(rid, None) is not None
+        self.cancelled += found
+        return found
 
     @property
     def pending(self) -> int:

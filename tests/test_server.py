@@ -150,12 +150,13 @@ def test_api_key_body_limit_queue_limit_and_disconnect(setup):
         next(iter(stream))
         with pytest.raises(openai.RateLimitError):  # the one slot is busy and nothing may wait
             client.chat.completions.create(model="micro", messages=CHAT, max_tokens=2)
-        stream.close()  # the client leaves: its generation is cancelled and the slot freed
-        for _ in range(200):
-            if not s.engine.pending:
+        stream.close()  # the client leaves: the slot is freed
+        worker = s.app.state.worker
+        for _ in range(250):
+            if not s.engine.pending and not worker._inflight:
                 break
             time.sleep(0.02)
-        assert not s.engine.pending
+        assert not s.engine.pending and not worker._inflight
         assert client.chat.completions.create(model="micro", messages=CHAT, max_tokens=2).choices
         metrics = httpx.get(s.url + "/metrics").text
         assert "leanseek_requests_total" in metrics and "leanseek_queue_depth 0" in metrics
@@ -267,3 +268,21 @@ def test_serving_a_hugging_face_folder_with_its_own_tokenizer(tmp_path, quiet): 
     assert message.content == "It is 5." and message.model_extra["reasoning_content"] == "Adding up."
     assert r.choices[0].finish_reason == "stop"
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "It is 5."
+
+
+def test_a_client_that_leaves_cancels_its_generation(setup):
+    """A scripted reply of 400 tokens at 20 ms a step: reading a few chunks and closing the connection must end
+    the generation in the engine long before the reply would have finished."""
+    _, tok = setup
+    engine = ScriptedEngine([tok.encode("<think></think>" + " harbor" * 400 + "<|end|>")], delay=0.02)
+    with Server(None, tok, engine=engine) as s:
+        body = {"model": "micro", "messages": CHAT, "max_tokens": 450, "stream": True}
+        with httpx.stream("POST", s.url + "/v1/chat/completions", json=body) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i > 5:
+                    break
+        start = time.perf_counter()
+        while engine.pending and time.perf_counter() - start < 4:
+            time.sleep(0.02)
+        assert not engine.pending  # cancelled: finishing would take 8 s
+        assert engine.cancelled
