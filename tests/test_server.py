@@ -286,3 +286,13 @@ def test_a_client_that_leaves_cancels_its_generation(setup):
             time.sleep(0.02)
         assert not engine.pending  # cancelled: finishing would take 8 s
         assert engine.cancelled
+        # a reply that ends while its client is not reading, then the client leaves: the request is released
+        engine.replies = [tok.encode("<think></think>" + " harbor" * 20 + "<|end|>")]
+        with httpx.stream("POST", s.url + "/v1/chat/completions", json=body) as r:
+            next(r.iter_lines())
+            time.sleep(0.8)
+        worker = s.app.state.worker
+        start = time.perf_counter()
+        while worker._inflight and time.perf_counter() - start < 4:
+            time.sleep(0.02)
+        assert not worker._inflight and not engine.pending

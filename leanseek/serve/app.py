@@ -36,6 +36,22 @@ from .worker import EngineWorker, Event, Handle, QueueFull
 MAX_BODY_BYTES = 1 << 20
 
 
+class EventStream(StreamingResponse):
+    """Server-sent events whose generator is always closed when the response ends: on a client's disconnect
+    Starlette cancels the sending task, and a generator left waiting at a `yield` would otherwise keep its request
+    (and its slot) until garbage collection."""
+
+    def __init__(self, events):
+        super().__init__(events, media_type="text/event-stream")
+        self.events = events
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.events.aclose()
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  kind: str = "invalid_request_error"):
@@ -269,8 +285,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             for h in handles:
                 worker.done(h)
             raise
-        return StreamingResponse(events(req, request, rid, created, prompt, handles, streams, firsts, chat,
-                                        max_tokens), media_type="text/event-stream")
+        return EventStream(events(req, request, rid, created, prompt, handles, streams, firsts, chat, max_tokens))
 
     async def events(req, request, rid, created, prompt, handles, streams, firsts, chat,
                      max_tokens) -> AsyncIterator[str]:
