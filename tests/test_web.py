@@ -12,7 +12,7 @@ from test_server import TEXTS, Server
 from leanseek.data import train_tokenizer
 
 CHROMIUM = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (.ci/run installs it)")
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (./test.sh installs it)")
 
 
 def test_web_chat_streams_thinks_stops_and_starts_over():
