@@ -43,10 +43,10 @@ def lines(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def evaluate(path: Path, problems: int, k: int, threads: int) -> dict:
+def held_out(path: Path, problems: int, k: int, threads: int) -> dict:
     import leanseek
     from leanseek.data import TextTokenizer
-    from leanseek.eval.tasks import complete, summarise
+    from leanseek.eval.tasks import evaluate
     from leanseek.tasks import get_task
     from leanseek.train.checkpoint import checkpoint_of
 
@@ -56,9 +56,7 @@ def evaluate(path: Path, problems: int, k: int, threads: int) -> dict:
     task = get_task("sums")
     test = task.test_set(problems)
     engine = leanseek.Engine(model, tok, max_batch=128, max_len=128)
-    greedy = complete(engine, tok, task, test, max_new_tokens=64)
-    sampled = complete(engine, tok, task, test, samples=k, temperature=1.0, max_new_tokens=64, seed=1)
-    return summarise(task, test, greedy, sampled)["all"]
+    return evaluate(engine, tok, task, test, k=k, max_new_tokens=64, seed=1)[0]["all"]
 
 
 def main() -> None:
@@ -90,7 +88,7 @@ def main() -> None:
     arms["shuffled rewards"] = cli(*rl, "--shuffle-rewards", "--out", str(out / "shuffled"))
     folders = {"start (SFT)": init, "grpo": out / "grpo", "more SFT": out / "more-sft",
                "shuffled rewards": out / "shuffled"}
-    results = {name: evaluate(folder, args.problems, args.k, args.threads) for name, folder in folders.items()}
+    results = {name: held_out(folder, args.problems, args.k, args.threads) for name, folder in folders.items()}
     k = args.k
     print(f"# sums ('think or guess'), {args.problems} held-out problems; GRPO {args.steps} steps of 16 x 8 "
           f"samples; more SFT {sft_steps} steps; {args.threads} threads, torch {torch.__version__}")

@@ -176,19 +176,24 @@ def cmd_cost(args) -> None:
               f"({est.device_hours / (hours * scale):.2f}x).")
 
 
+def last_line(line: dict) -> str:
+    """A run's final metrics line, rounded for the terminal."""
+    return json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()})
+
+
 def cmd_train(args) -> None:
-    from .train.pretrain import run
+    from .train.loop import run
 
     line = run(args)
     if line and int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()}))
+        print(last_line(line))
         print(f"checkpoints: {args.out}/checkpoints, newest: {args.out}/latest (a Hugging Face model folder)")
 
 
 def cmd_rl(args) -> None:
-    from .rl.trainer import main_line, run
+    from .rl.trainer import run
 
-    print(main_line(run(args)))
+    print(last_line(run(args)))
     print(f"checkpoints: {args.out}/checkpoints, newest: {args.out}/latest; per step: {args.out}/metrics.jsonl")
 
 
@@ -260,7 +265,7 @@ def cmd_eval(args) -> None:
     import torch
 
     from .data.tokenizer import TextTokenizer
-    from .eval.tasks import complete, summarise
+    from .eval.tasks import evaluate
     from .infer.engine import Engine
     from .model.hf import load_hf
     from .tasks import get_task
@@ -273,10 +278,8 @@ def cmd_eval(args) -> None:
     model, tokenizer = load_hf(path), TextTokenizer.load(path)
     problems = task.test_set(args.problems)
     engine = Engine(model, tokenizer, max_batch=args.batch, max_len=256 + args.max_new_tokens)
-    greedy = complete(engine, tokenizer, task, problems, max_new_tokens=args.max_new_tokens)
-    sampled = (complete(engine, tokenizer, task, problems, samples=args.k, temperature=args.temperature,
-                        max_new_tokens=args.max_new_tokens, seed=args.seed) if args.k else None)
-    result = summarise(task, problems, greedy, sampled)
+    result, greedy = evaluate(engine, tokenizer, task, problems, k=args.k, temperature=args.temperature,
+                              max_new_tokens=args.max_new_tokens, seed=args.seed)
     columns = list(result["all"])
     rows = [[bucket] + [f"{v[c]:.3f}" if isinstance(v[c], float) else v[c] for c in columns]
             for bucket, v in result.items()]
@@ -332,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(run=cmd_data)
 
     p = sub.add_parser("pretrain", help="train a base model on `leanseek data` shards (resumes; torchrun-ready)")
-    from .train.pretrain import add_arguments
+    from .train.loop import add_arguments
 
     add_arguments(p)
     p.set_defaults(run=cmd_train)

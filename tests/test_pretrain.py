@@ -162,7 +162,7 @@ def test_batches_do_not_depend_on_world_size_or_accumulation():
 def test_learning_rate_schedule():
     from types import SimpleNamespace
 
-    from leanseek.train.pretrain import lr_at
+    from leanseek.train.loop import lr_at
 
     args = SimpleNamespace(lr=1.0, steps=100, warmup_steps=10, decay_frac=0.2)
     lrs = [lr_at(s, args) for s in range(100)]

@@ -41,9 +41,6 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
-_template = _environment().from_string(CHAT_TEMPLATE)
-
-
 class ChatError(ValueError):
     """A conversation that is not a valid messages list; the message names where."""
 
@@ -63,7 +60,7 @@ def validate(messages, where: str = "conversation") -> list[dict]:
 
 
 def render(messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return _template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+    return LEANSEEK_CHAT.render(messages, add_generation_prompt)
 
 
 def encode_chat(tokenizer: TextTokenizer, messages: list[dict],
@@ -112,12 +109,11 @@ class ChatFormat:
     end: str
     context: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        self._compiled = _environment().from_string(self.template)
+
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        if self.template == CHAT_TEMPLATE:
-            return render(messages, add_generation_prompt)
-        return _environment().from_string(self.template).render(messages=messages,
-                                                                add_generation_prompt=add_generation_prompt,
-                                                                **self.context)
+        return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.context)
 
 
 LEANSEEK_CHAT = ChatFormat(CHAT_TEMPLATE, END_OF_TURN)

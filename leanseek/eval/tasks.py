@@ -69,6 +69,15 @@ def summarise(task: Task, problems: list[Problem], greedy: list[list[Sample]],
     return out
 
 
+def evaluate(engine: Engine, tokenizer, task: Task, problems: list[Problem], k: int = 0, temperature: float = 1.0,
+             max_new_tokens: int = 64, seed: int = 0) -> tuple[dict[str, dict[str, float]], list[list[Sample]]]:
+    """summarise() of greedy completions and, with k, of k sampled ones per problem; and the greedy ones."""
+    greedy = complete(engine, tokenizer, task, problems, max_new_tokens=max_new_tokens)
+    sampled = (complete(engine, tokenizer, task, problems, samples=k, temperature=temperature,
+                        max_new_tokens=max_new_tokens, seed=seed) if k else None)
+    return summarise(task, problems, greedy, sampled), greedy
+
+
 def _majority_right(task: Task, problem: Problem, samples: list[Sample]) -> bool:
     answers = Counter(s.verdict.answer for s in samples if s.verdict.answer)
     return bool(answers) and task.check(problem, answers.most_common(1)[0][0])

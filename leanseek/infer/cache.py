@@ -18,17 +18,8 @@ class LatentCache:
         self.kv = torch.zeros(L, slots + 1, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim, device=device,
                               dtype=dtype)
         self.scratch = slots
-        self.kv_lora_rank = cfg.kv_lora_rank
         self.lengths = [0] * slots  # positions filled in each slot
         self.max_len = max_len
-
-    @property
-    def c_kv(self) -> torch.Tensor:  # [L, slots, max_len, kv_lora_rank]
-        return self.kv[..., : self.kv_lora_rank]
-
-    @property
-    def k_pe(self) -> torch.Tensor:  # [L, slots, max_len, qk_rope_head_dim]
-        return self.kv[..., self.kv_lora_rank:]
 
     def values_per_token(self) -> int:
         return self.kv.shape[0] * self.kv.shape[-1]

@@ -316,13 +316,12 @@ class Engine:
 
     @staticmethod
     def _plain_greedy(r: _Request) -> bool:
-        p = r.params
-        return p.greedy and p.repetition_penalty == 1.0 and not (p.frequency_penalty or p.presence_penalty)
+        return r.params.greedy and not r.params.penalised
 
     def _penalised(self, r: _Request, logits: torch.Tensor, pending: int | None = None) -> torch.Tensor:
         """The request's penalties applied to logits [V], as if `pending` (a token not yet committed) followed."""
         p = r.params
-        if p.repetition_penalty == 1.0 and not (p.frequency_penalty or p.presence_penalty):
+        if not p.penalised:
             return logits
         if r.counts is None:
             r.counts = torch.zeros(self.cfg.vocab_size, device=self.device)

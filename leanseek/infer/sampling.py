@@ -43,6 +43,10 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty != 1.0 or bool(self.frequency_penalty or self.presence_penalty)
+
 
 def apply_penalties(logits: torch.Tensor, prompt_and_output: torch.Tensor, output_counts: torch.Tensor,
                     params: SamplingParams) -> torch.Tensor:

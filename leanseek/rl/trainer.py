@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import random
 import time
 from pathlib import Path
@@ -22,14 +21,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..data.tokenizer import END_OF_TURN, TextTokenizer
-from ..eval.tasks import complete, prompt_ids, summarise
+from ..eval.tasks import evaluate, prompt_ids
 from ..infer.engine import Engine
 from ..model.hf import load_hf
 from ..tasks import get_task
 from ..train.checkpoint import (checkpoint_of, full_optimizer_state, latest_checkpoint, restore, rng_state,
                                 save_checkpoint)
 from ..train.cost import Ledger, detect_peak_tflops
-from ..train.pretrain import append_metrics, truncate_metrics, write_json
+from ..train.loop import append_metrics, truncate_metrics, write_json
 from .grpo import LOSS_TYPES, SCALES, advantages, grpo_loss, kl_k3
 
 RESUME_KEYS = ("init", "task", "prompts", "group", "max_new_tokens", "temperature", "lr", "loss_type", "scale",
@@ -123,9 +122,8 @@ def sample_batch(engine: Engine, tokenizer: TextTokenizer, task, problems, args,
     return Batch(ids[rows], mask[rows], rewards[rows], adv[rows], stats)
 
 
-def evaluate(engine, tokenizer, task, problems, max_new_tokens: int) -> dict:
-    greedy = complete(engine, tokenizer, task, problems, max_new_tokens=max_new_tokens)
-    s = summarise(task, problems, greedy)["all"]
+def held_out(engine, tokenizer, task, problems, max_new_tokens: int) -> dict:
+    s = evaluate(engine, tokenizer, task, problems, max_new_tokens=max_new_tokens)[0]["all"]
     return {"eval_pass@1": s["pass@1"], "eval_format": s["format"], "eval_length": s["length"]}
 
 
@@ -159,7 +157,7 @@ def run(args) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     truncate_metrics(metrics, start)
     if start == 0:
-        append_metrics(metrics, {"step": 0, **evaluate(engine, tokenizer, task, test, args.max_new_tokens)})
+        append_metrics(metrics, {"step": 0, **held_out(engine, tokenizer, task, test, args.max_new_tokens)})
     line: dict = {}
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"rl {task.name}", disable=None)
     for step in bar:
@@ -179,7 +177,7 @@ def run(args) -> dict:
         ledger.flops += model.cfg.flops_per_token(batch.ids.shape[1], include_mtp=False) * batch.ids.numel()
         line.update({"sample_seconds": t_sample, "seconds": dt})
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            line.update(evaluate(engine, tokenizer, task, test, args.max_new_tokens))
+            line.update(held_out(engine, tokenizer, task, test, args.max_new_tokens))
         append_metrics(metrics, line)
         bar.set_postfix(reward=f"{line['reward']:.2f}", len=f"{line['length']:.0f}",
                         **({"eval": f"{line['eval_pass@1']:.2f}"} if "eval_pass@1" in line else {}))
@@ -218,7 +216,3 @@ def _update(model, reference, optimizer, params, batch: Batch, args) -> dict:
                    "clip_region": float(((low + high) * m).sum() / n), "lr": args.lr,
                    "kl": float((kl_k3(logp, ref) * m).sum() / n) if ref is not None else 0.0}
     return out
-
-
-def main_line(line: dict) -> str:
-    return json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()})

@@ -17,12 +17,12 @@ import torch
 
 from ..atomic import write_text_atomic
 from ..data.tokenizer import TextTokenizer
-from ..eval.tasks import complete, summarise
+from ..eval.tasks import complete, evaluate
 from ..infer.engine import Engine
 from ..model.config import ModelConfig
 from ..model.hf import load_hf, read_config, save_hf
 from ..model.transformer import Transformer
-from ..tasks import get_task
+from ..tasks import get_task, split_completion
 from .checkpoint import checkpoint_of
 
 
@@ -55,15 +55,15 @@ def traces(teacher: Path, task, args) -> list[list[dict]]:
     for problem, row in zip(problems, samples):
         right = next((s for s in row if s.verdict.correct), None)
         if right is not None:
-            reasoning = tokenizer.decode(right.tokens).split("</think>")[0].removeprefix("<think>")
+            reasoning = split_completion(tokenizer.decode(right.tokens))[0]
             chats.append([{"role": "user", "content": problem.prompt},
                           {"role": "assistant", "content": right.verdict.answer, "reasoning_content": reasoning}])
     return chats
 
 
 def run(args) -> dict:
-    from .pretrain import add_arguments as sft_arguments
-    from .pretrain import run as train
+    from .loop import add_arguments as sft_arguments
+    from .loop import run as train
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,8 +97,8 @@ def run(args) -> dict:
     for name, path in (("teacher", teacher), ("student", checkpoint_of(out))):
         model = load_hf(path)
         engine = Engine(model, tokenizer, max_batch=128, max_len=128 + args.max_new_tokens)
-        greedy = complete(engine, tokenizer, task, test, max_new_tokens=args.max_new_tokens)
-        result[name] = {"pass@1": summarise(task, test, greedy)["all"]["pass@1"],
+        result[name] = {"pass@1": evaluate(engine, tokenizer, task, test, max_new_tokens=args.max_new_tokens)[0]
+                        ["all"]["pass@1"],
                         "parameters": model.cfg.param_counts().total}
     result["student/teacher"] = result["student"]["pass@1"] / max(result["teacher"]["pass@1"], 1e-9)
     write_text_atomic(out / "distill.json", json.dumps(result, indent=2) + "\n")
