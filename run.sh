@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Sets up .venv (torch 2.13.0 first, then leanseek) and runs the main job. Until the whole pipeline lands, that is:
-# the presets' parameter / FLOP / KV-cache table; the built-in corpus tokenized into training shards; a few minutes
-# of pretraining the `tiny` model on it (STEPS, default 300; run again to resume or, with a larger STEPS, continue);
-# and a check that transformers computes the same logits from the resulting checkpoint.
+# Sets up .venv (torch 2.13.0 first, then leanseek) and runs the main job: the speedrun (built-in corpus, tokenizer,
+# pretraining, SFT, GRPO, evaluation, report card) into $RUNS_DIR/speedrun-$PRESET (default runs/speedrun-cpu,
+# under 20 minutes on 2 cores), then serves the assistant on http://127.0.0.1:$PORT (default 8000) with its web
+# chat at /. Run it again to continue an interrupted speedrun (finished stages are skipped) and to serve again.
+# PRESET=micro is a one-minute smoke run; SERVE=0 stops after the report.
 set -euo pipefail
 cd "$(dirname "$0")"
 source ./setup.sh
@@ -18,16 +19,11 @@ if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; the
     >/dev/null 2>&1 || echo "could not install them; the built-in corpus will be smaller"
 fi
 
-.venv/bin/leanseek presets
-echo
-if [ -f "$runs/data-builtin/manifest.json" ]; then
-  echo "reusing $runs/data-builtin (delete it to tokenize again)"
-else
-  .venv/bin/leanseek data --source builtin --out "$runs/data-builtin"
+out="$runs/speedrun-${PRESET:-cpu}"
+.venv/bin/leanseek speedrun --preset "${PRESET:-cpu}" --out "$out"
+if [ "${SERVE:-1}" = 0 ]; then
+  exit 0
 fi
 echo
-.venv/bin/leanseek pretrain --data "$runs/data-builtin" --out "$runs/pretrain-tiny" --preset tiny \
-    --steps "${STEPS:-300}" --batch-size 16 --seq-len 256 --save-every 100 --eval-every 100
-echo
-.venv/bin/leanseek check "$runs/pretrain-tiny/latest"
-echo "cost of the run: $runs/pretrain-tiny/cost.json; metrics: $runs/pretrain-tiny/metrics.jsonl"
+echo "starting the assistant (Ctrl-C stops it); the web chat will be at http://127.0.0.1:${PORT:-8000}"
+exec .venv/bin/leanseek serve "$out/rl" --port "${PORT:-8000}" --name leanseek

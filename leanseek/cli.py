@@ -266,7 +266,7 @@ def cmd_eval(args) -> None:
 
     from .data.tokenizer import TextTokenizer
     from .eval.tasks import evaluate
-    from .infer.engine import Engine
+    from .infer.engine import Engine, default_device
     from .model.hf import load_hf
     from .tasks import get_task
     from .train.checkpoint import checkpoint_of
@@ -275,11 +275,13 @@ def cmd_eval(args) -> None:
         torch.set_num_threads(args.threads)
     task = get_task(args.task)
     path = checkpoint_of(Path(args.model))
-    model, tokenizer = load_hf(path), TextTokenizer.load(path)
+    model, tokenizer = load_hf(path, device=default_device()), TextTokenizer.load(path)
     problems = task.test_set(args.problems)
     engine = Engine(model, tokenizer, max_batch=args.batch, max_len=256 + args.max_new_tokens)
+    t0 = time.perf_counter()
     result, greedy = evaluate(engine, tokenizer, task, problems, k=args.k, temperature=args.temperature,
                               max_new_tokens=args.max_new_tokens, seed=args.seed)
+    seconds = time.perf_counter() - t0
     columns = list(result["all"])
     rows = [[bucket] + [f"{v[c]:.3f}" if isinstance(v[c], float) else v[c] for c in columns]
             for bucket, v in result.items()]
@@ -290,10 +292,19 @@ def cmd_eval(args) -> None:
     if args.json:
         from .atomic import write_text_atomic
 
-        write_text_atomic(Path(args.json), json.dumps({"task": task.name, "model": str(path), "metrics": result},
-                                                      indent=2) + "\n")
+        tokens = engine.stats["prompt_tokens"] + engine.stats["generated_tokens"]
+        flops = model.cfg.flops_per_token(256, include_mtp=False) / 3 * tokens  # a forward per token
+        write_text_atomic(Path(args.json), json.dumps({
+            "task": task.name, "model": str(path), "k": args.k, "temperature": args.temperature,
+            "metrics": result, "tokens": tokens, "flops": flops, "seconds": seconds}, indent=2) + "\n")
     for i in range(min(args.show, len(problems))):
         print(f"\n{problems[i].prompt} -> {tokenizer.decode(greedy[i][0].tokens)!r}")
+
+
+def cmd_speedrun(args) -> None:
+    from .speedrun import run
+
+    run(args)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -385,6 +396,13 @@ def main(argv: list[str] | None = None) -> None:
                                    "(resumes; torchrun-ready)")
     add_arguments(p, "sft")
     p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("speedrun", help="corpus -> tokenizer -> pretrain -> SFT -> GRPO -> eval -> report.md, "
+                                        "each stage skipped when already complete")
+    from .speedrun import add_arguments as speedrun_arguments
+
+    speedrun_arguments(p)
+    p.set_defaults(run=cmd_speedrun)
 
     p = sub.add_parser("cost", help="estimate the device-hours and dollars of a training run never made")
     p.add_argument("--preset", required=True, help="preset name, model folder or config.json")

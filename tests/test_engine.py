@@ -32,6 +32,8 @@ def test_greedy_equals_full_forward_argmax(model, max_batch, chunk):
     engine = Engine(model, max_batch=max_batch, max_len=64, prefill_chunk=chunk)
     outs = engine.generate(PROMPTS, max_new_tokens=8)
     assert outs == [reference_greedy(model, p, 8) for p in PROMPTS]
+    assert engine.stats["prompt_tokens"] == sum(map(len, PROMPTS))  # the token counts cost accounting uses
+    assert engine.stats["generated_tokens"] == 8 * len(PROMPTS)
 
 
 def test_cache_holds_only_the_latent(model):

@@ -3,6 +3,7 @@ reasoning tasks, so a model can be taught to chat with no download:
 
 - definitions: "What does 'harbor' mean?" answered with WordNet's gloss (when wordnet-base is installed);
 - Python: "What does json.dumps do?" answered with the first paragraph of its standard-library docstring;
+- greetings: a few hundred "Hello" / "Who are you?" exchanges, so the assistant can say what it is;
 - reasoning: the tasks of leanseek.tasks with worked reasoning in <think>. For `sums` ("think or guess") only
   part of the answers think aloud; the rest answer at once, which a small model gets wrong more often: GRPO
   has something to find.
@@ -19,12 +20,25 @@ from .sources import SourceStats
 
 DEFINITION_QUESTIONS = ["What does '{w}' mean?", "Define '{w}'.", "What is the meaning of '{w}'?"]
 PYTHON_QUESTIONS = ["What does {n} do?", "Explain {n} in Python.", "What is {n} for?"]
+GREETINGS = {
+    "Hello!": "Hello! I am leanseek, a small DeepSeek-style assistant. Ask me what a word means, what a Python "
+              "function does, or to add up some numbers.",
+    "Hi": "Hi! What would you like to know? I can define words, explain Python's standard library and add numbers.",
+    "Who are you?": "I am leanseek: a small mixture-of-experts model with DeepSeek-V3's architecture, trained from "
+                    "scratch on a built-in corpus, then taught to chat and, with GRPO, to reason.",
+    "What can you do?": "I can define English words, say what Python standard-library functions do, and add up "
+                        "numbers such as 12+34+56, thinking step by step.",
+    "How were you trained?": "Pretraining on a built-in corpus (dictionaries, WordNet, Python's documentation), "
+                             "supervised fine-tuning on conversations, then GRPO reinforcement learning on sums.",
+    "Thank you!": "You are welcome!",
+    "Goodbye": "Goodbye!",
+}
 TASK_COUNTS = {"sums": 6000, "addition": 1500, "countdown": 1500}
 SUMS_THINK_RATE = 0.5  # the share of sums answered with the running sums written out
 
 
 def definitions(rng: random.Random, n: int) -> list[list[dict]]:
-    if not BUILTINS["wordnet"].available():
+    if n <= 0 or not BUILTINS["wordnet"].available():
         return []
     synsets = [(pos, words, gloss.split(";")[0].strip()) for pos, words, gloss in wordnet_synsets()]
     chats = []
@@ -38,6 +52,8 @@ def definitions(rng: random.Random, n: int) -> list[list[dict]]:
 
 
 def python_answers(rng: random.Random, n: int) -> list[list[dict]]:
+    if n <= 0:
+        return []
     entries = []
     for _, docs in stdlib_docstrings(SourceStats("python-docstrings")):
         for name, doc in docs:
@@ -50,6 +66,16 @@ def python_answers(rng: random.Random, n: int) -> list[list[dict]]:
             for name, doc in rng.sample(entries, min(n, len(entries)))]
 
 
+def greetings(rng: random.Random, n: int) -> list[list[dict]]:
+    """Small talk, the questions in a few casings and punctuations."""
+    chats = []
+    for _ in range(n):
+        question, answer = rng.choice(list(GREETINGS.items()))
+        question = rng.choice([question, question.lower(), question.rstrip("!?") + rng.choice(["", "!", "?"])])
+        chats.append(_chat(question, answer))
+    return chats
+
+
 def task_chats(rng: random.Random, name: str, n: int, seed: int, think_rate: float = 1.0) -> list[list[dict]]:
     """SFT conversations for a task's training problems: reasoning in <think> at think_rate, else answered at
     once."""
@@ -58,11 +84,11 @@ def task_chats(rng: random.Random, name: str, n: int, seed: int, think_rate: flo
             for p in task.train_set(n, seed)]
 
 
-def builtin_chats(seed: int = 0, n_definitions: int = 4000, n_python: int = 2000,
+def builtin_chats(seed: int = 0, n_definitions: int = 4000, n_python: int = 2000, n_greetings: int = 200,
                   tasks: dict[str, int] | None = None, sums_think_rate: float = SUMS_THINK_RATE) -> list[list[dict]]:
     """The whole built-in set, shuffled by seed."""
     rng = random.Random(seed)
-    chats = definitions(rng, n_definitions) + python_answers(rng, n_python)
+    chats = definitions(rng, n_definitions) + python_answers(rng, n_python) + greetings(rng, n_greetings)
     for name, n in (TASK_COUNTS if tasks is None else tasks).items():
         chats += task_chats(rng, name, n, seed, sums_think_rate if name == "sums" else 1.0)
     rng.shuffle(chats)

@@ -69,6 +69,11 @@ class _Request:
 # The forward passes of a decode step. Engine(compile=True) compiles them with fixed shapes; each returns, last,
 # the latents its CacheSteps collected (empty when they wrote directly), for Engine._call to store.
 
+def default_device() -> torch.device:
+    """Where inference, evaluation and RL run: the first GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _decode_fn(model: Transformer, ids: torch.Tensor, at):
     """The main model on tokens ids [B, T]: its normed hidden states and logits."""
     h = model.step(ids, at)
@@ -105,7 +110,8 @@ class Engine:
         self.device, self.dtype = weight.device, weight.dtype
         self.cache = LatentCache(self.cfg, max_batch, self.max_len, self.device, self.dtype)
         self.draft_cache: LatentCache | None = None  # the MTP module's own, made by the first speculative request
-        self.stats = {"drafted": 0, "accepted": 0}
+        # tokens through the model (prompt tokens prefilled, tokens generated) and MTP drafts made / accepted
+        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "drafted": 0, "accepted": 0}
         # compiled decode steps have fixed shapes: padded to a power-of-two batch, attending over the whole cache
         self._compiled = None
         experts = [m for m in model.modules() if isinstance(m, Experts)]
@@ -295,6 +301,7 @@ class Engine:
         """Commit new tokens up to a stop; report them; free the slot of a finished request."""
         for token in tokens:
             r.output.append(token)
+            self.stats["generated_tokens"] += 1
             if r.counts is not None:
                 r.counts[token] += 1
             if self._finished(r):
@@ -387,6 +394,7 @@ class Engine:
 
     def _prefill(self, r: _Request, outs: list[Output]) -> None:
         self.cache.lengths[r.slot] = 0
+        self.stats["prompt_tokens"] += len(r.prompt)
         hidden = []
         for start in range(0, len(r.prompt), self.prefill_chunk):
             chunk = r.prompt[start:start + self.prefill_chunk]

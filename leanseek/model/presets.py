@@ -34,6 +34,15 @@ PRESETS: dict[str, dict] = {
         first_k_dense_replace=1, routed_scaling_factor=1.0, max_position_embeddings=2048,
         num_nextn_predict_layers=1,
     ),
+    # ~0.89B parameters, 0.21B active: eight GPUs. 64 experts, top-6 within the best 4 of 8 groups (V3's routing).
+    "base": dict(
+        vocab_size=32768, hidden_size=1024, intermediate_size=2048, moe_intermediate_size=256,
+        num_hidden_layers=16, num_attention_heads=16, q_lora_rank=512, kv_lora_rank=256,
+        qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+        n_routed_experts=64, n_shared_experts=1, num_experts_per_tok=6, n_group=8, topk_group=4,
+        first_k_dense_replace=1, routed_scaling_factor=2.5, max_position_embeddings=4096,
+        num_nextn_predict_layers=1,
+    ),
     # DeepSeek-V3 / R1 (671B total, 37B active): inference/configs/config_671B.json and the HF config.json.
     "deepseek-v3": dict(
         rope_scaling=_YARN_V3, max_position_embeddings=163840, num_nextn_predict_layers=1,

@@ -10,7 +10,6 @@ uninterrupted one. Held-out greedy accuracy is measured every `eval_every` steps
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import random
 import time
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 from ..data.tokenizer import END_OF_TURN, TextTokenizer
 from ..eval.tasks import evaluate, prompt_ids
-from ..infer.engine import Engine
+from ..infer.engine import Engine, default_device
 from ..model.hf import load_hf
 from ..tasks import get_task
 from ..train.checkpoint import (checkpoint_of, full_optimizer_state, latest_checkpoint, restore, rng_state,
@@ -136,15 +135,16 @@ def run(args) -> dict:
     tokenizer = TextTokenizer.load(init)
     run_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "run"}
     resume = latest_checkpoint(run_dir) if run_dir.exists() else None
-    model = load_hf(resume or init).train()
+    device = default_device()
+    model = load_hf(resume or init, device=device).train()
     for r in model.routers():  # the routing bias stays as trained: RL has no balance objective of its own
         if r.e_score_correction_bias is not None:
             r.e_score_correction_bias.requires_grad_(False)
-    reference = copy.deepcopy(load_hf(init)).eval().requires_grad_(False) if args.beta else None
+    reference = load_hf(init, device=device).eval().requires_grad_(False) if args.beta else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    ledger = Ledger(devices=1, peak_tflops=detect_peak_tflops(torch.device("cpu"), torch.float32)[0],
-                    price_per_device_hour=0.05)
+    ledger = Ledger(devices=1, peak_tflops=detect_peak_tflops(device, torch.float32)[0],
+                    price_per_device_hour=2.0 if device.type == "cuda" else 0.05)
     start = 0
     if resume is not None:
         start, saved = restore(resume, run_args, RESUME_KEYS, model, optimizer)
@@ -163,8 +163,10 @@ def run(args) -> dict:
     for step in bar:
         t0 = time.perf_counter()
         problems = random.Random(args.seed * 1_000_003 + step).sample(pool, args.prompts)
+        before = engine.stats["prompt_tokens"] + engine.stats["generated_tokens"]
         with torch.no_grad():
             batch = sample_batch(engine, tokenizer, task, problems, args, step)
+        sampled = engine.stats["prompt_tokens"] + engine.stats["generated_tokens"] - before
         t_sample = time.perf_counter() - t0
         model.train()
         line = {"step": step + 1, **batch.stats}
@@ -174,7 +176,7 @@ def run(args) -> dict:
         tokens = int(batch.mask.sum())
         ledger.wall_seconds += dt
         ledger.tokens += tokens
-        ledger.flops += model.cfg.flops_per_token(batch.ids.shape[1], include_mtp=False) * batch.ids.numel()
+        ledger.flops += rl_flops(model.cfg, batch.ids, sampled, args.mu, reference is not None)
         line.update({"sample_seconds": t_sample, "seconds": dt})
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             line.update(held_out(engine, tokenizer, task, test, args.max_new_tokens))
@@ -190,16 +192,25 @@ def run(args) -> dict:
     return line
 
 
+def rl_flops(cfg, ids: torch.Tensor, sampled: int, mu: int, reference: bool) -> float:
+    """A step's FLOPs: sampling (a forward per token through the engine), the old (and reference) policy's
+    forward over the batch, and mu forward-backward passes."""
+    train = cfg.flops_per_token(ids.shape[1], include_mtp=False)  # forward + backward = 3 forwards
+    forwards = sampled + ids.numel() * (1 + reference)
+    return train / 3 * forwards + train * ids.numel() * mu
+
+
 def _update(model, reference, optimizer, params, batch: Batch, args) -> dict:
     """mu optimizer steps on one batch of samples; returns the loss, entropy, KL and clip statistics."""
+    device = model.lm_head.weight.device
+    ids, m, adv = batch.ids.to(device), batch.mask.to(device), batch.adv.to(device)
     with torch.no_grad():
-        old, _ = token_logps(model, batch.ids, args.temperature)
-        ref = token_logps(reference, batch.ids, args.temperature)[0] if reference is not None else None
-    m = batch.mask
+        old, _ = token_logps(model, ids, args.temperature)
+        ref = token_logps(reference, ids, args.temperature)[0] if reference is not None else None
     out = {}
     for _ in range(args.mu):
-        logp, entropy = token_logps(model, batch.ids, args.temperature)
-        loss = grpo_loss(logp, old, ref, batch.adv, m, args.loss_type, args.eps_low, args.eps_high, args.beta)
+        logp, entropy = token_logps(model, ids, args.temperature)
+        loss = grpo_loss(logp, old, ref, adv, m, args.loss_type, args.eps_low, args.eps_high, args.beta)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
@@ -207,7 +218,7 @@ def _update(model, reference, optimizer, params, batch: Batch, args) -> dict:
         with torch.no_grad():
             ratio = torch.exp(logp - old)
             eps_high = args.eps_low if args.eps_high is None else args.eps_high
-            a = batch.adv[:, None]
+            a = adv[:, None]
             low = ((ratio < 1 - args.eps_low) & (a < 0)).float()
             high = ((ratio > 1 + eps_high) & (a > 0)).float()
             n = m.sum().clamp(min=1)

@@ -1,0 +1,138 @@
+"""What the speedrun's report measures on the finished models besides task accuracy: sample conversations, how
+well definitions from the corpus are recalled, the MTP module's draft acceptance, the experts' load per layer,
+and the KV cache against standard attention."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ..data import load_split
+from ..data.chat import encode_chat, read_chats
+from ..data.instructions import definitions
+from ..data.tokenizer import END_OF_TURN, THINK, END_THINK, TextTokenizer
+from ..infer.engine import Engine, default_device
+from ..model.hf import load_hf
+from ..tasks import get_task
+from ..train.balance import expert_load, max_violation
+from ..train.checkpoint import checkpoint_of
+from ..train.loader import eval_windows
+
+DEFINITION_QUESTION = re.compile(r"^(?:What does|Define|What is the meaning of) '(.+?)'")
+
+
+def reply(engine: Engine, tokenizer: TextTokenizer, prompts: list[str], max_new_tokens: int,
+          speculative: bool = False) -> list[dict]:
+    """Greedy replies to one-turn chats: {"user", "reasoning", "content"} each (reasoning None without a think
+    block)."""
+    ids = [encode_chat(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True)[0] for p in prompts]
+    outs = engine.generate(ids, max_new_tokens=max_new_tokens, stop=[tokenizer.token_id(END_OF_TURN)],
+                           speculative=speculative)
+    replies = []
+    for prompt, out in zip(prompts, outs):
+        text = tokenizer.decode(out).removesuffix(END_OF_TURN)
+        reasoning = None
+        if text.startswith(THINK) and END_THINK in text:
+            reasoning, text = text.removeprefix(THINK).split(END_THINK, 1)
+        replies.append({"user": prompt, "reasoning": reasoning, "content": text.strip()})
+    return replies
+
+
+def gloss_f1(reply: str, reference: str) -> float:
+    """Word-overlap F1 between two definitions, each taken after its 'word (pos):' head."""
+    a, b = (Counter(re.findall(r"[a-z]+", t.split(":", 1)[-1].lower())) for t in (reply, reference))
+    common = sum((a & b).values())
+    if not common:
+        return 0.0
+    precision, recall = common / sum(a.values()), common / sum(b.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def definition_recall(engine, tokenizer, sft_chats: list[list[dict]], n: int, max_new_tokens: int) -> dict | None:
+    """Ask "What does 'w' mean?" for n words taught in SFT and n words WordNet defines that SFT never asked about
+    (the model read WordNet in pretraining); score each reply by word-overlap F1 with WordNet's gloss. "chance" is
+    the F1 of each reply against another word's gloss."""
+    taught = {}
+    for chat in sft_chats:
+        m = DEFINITION_QUESTION.match(chat[0]["content"])
+        if m:
+            taught[m.group(1)] = chat[1]["content"]
+    untaught = {}
+    for chat in definitions(random.Random(1), 20 * n + 2000):
+        word = DEFINITION_QUESTION.match(chat[0]["content"]).group(1)
+        if word not in taught:
+            untaught.setdefault(word, chat[1]["content"])
+    if not taught or not untaught:
+        return None  # WordNet is not installed: no definitions in the corpus or the SFT set
+    out = {}
+    for name, pool in (("taught in SFT", taught), ("only in the pretraining corpus", untaught)):
+        words = list(pool)[:n]
+        answers = reply(engine, tokenizer, [f"What does '{w}' mean?" for w in words], max_new_tokens)
+        scores = [gloss_f1(a["content"], pool[w]) for a, w in zip(answers, words)]
+        chance = [gloss_f1(a["content"], pool[words[(i + 1) % len(words)]]) for i, a in enumerate(answers)]
+        out[name] = {"n": len(words), "f1": sum(scores) / len(scores), "chance_f1": sum(chance) / len(chance),
+                     "f1>=0.5": sum(s >= 0.5 for s in scores) / len(scores),
+                     "examples": [{"word": w, "reply": a["content"], "wordnet": pool[w], "f1": s}
+                                  for w, a, s in list(zip(words, answers, scores))[:3]]}
+    return out
+
+
+@torch.no_grad()
+def balance(model, tokens, seq_len: int, n_tokens: int) -> dict:
+    """The share of routed-expert slots each expert got, per MoE layer, on validation windows; and MaxVio."""
+    x, _ = eval_windows(tokens, seq_len, n_tokens)
+    load = 0
+    for start in range(0, len(x), 8):
+        _, routing, _ = model.hidden(x[start:start + 8].to(model.lm_head.weight.device))
+        load = load + expert_load(routing, model.cfg.n_routed_experts)
+    share = load / load.sum(-1, keepdim=True)
+    first = model.cfg.first_k_dense_replace
+    return {"layers": list(range(first, first + len(share))), "share": share.tolist(),
+            "maxvio": max_violation(load).tolist(), "tokens": int(x.numel())}
+
+
+def run_probes(out: Path, preset: dict) -> dict:
+    p = preset["probes"]
+    device = default_device()
+    final = checkpoint_of(out / "rl")
+    tokenizer = TextTokenizer.load(final)
+    model = load_hf(final, device=device)
+    engine = Engine(model, tokenizer, max_batch=64, max_len=512)
+    task = get_task(preset["rl"]["task"])
+    sft_chats = read_chats(out / "sft.jsonl")
+    recall = definition_recall(engine, tokenizer, sft_chats, p["definitions"], p["max_new_tokens"])
+    prompts = ["Hello! Who are you?", "What can you do?"]
+    if preset["chats"]["python"]:
+        prompts.append("What does json.dumps do?")
+    if recall:
+        prompts += [f"What does '{e['word']}' mean?" for part in recall.values() for e in part["examples"][:1]]
+    prompts += [problem.prompt for problem in task.test_set(2)]
+    samples = reply(engine, tokenizer, prompts, p["max_new_tokens"])
+
+    # MTP acceptance: greedy self-speculative decoding of task problems and definition questions, for the SFT
+    # model (its MTP module trained with it) and the final one (GRPO trains the main model only)
+    spec_prompts = [q.prompt for q in task.test_set(p["mtp_prompts"] // 2)]
+    spec_prompts += [c[0]["content"] for c in sft_chats[:p["mtp_prompts"] - len(spec_prompts)]]
+    acceptance, tokens = {}, 0
+    for name, path in (("sft", checkpoint_of(out / "sft")), ("rl", final)):
+        spec = Engine(load_hf(path, device=device), tokenizer, max_batch=32, max_len=512)
+        reply(spec, tokenizer, spec_prompts, p["max_new_tokens"], speculative=True)
+        acceptance[name] = {"rate": spec.acceptance_rate, "drafted": spec.stats["drafted"]}
+        tokens += spec.stats["prompt_tokens"] + spec.stats["generated_tokens"]
+
+    val, _ = load_split(out / "data", "val")
+    seq_len = preset["pretrain"]["seq_len"]
+    experts = {"pretrain": balance(load_hf(checkpoint_of(out / "pretrain"), device=device), val, seq_len,
+                                   p["balance_tokens"]),
+               "rl": balance(model, val, seq_len, p["balance_tokens"])}
+    tokens += engine.stats["prompt_tokens"] + engine.stats["generated_tokens"]
+    tokens += sum(e["tokens"] for e in experts.values())
+    kv = Engine(model, tokenizer, max_batch=16, max_len=1024).memory_report()  # `leanseek serve`'s defaults
+    return {"samples": samples, "definitions": recall, "mtp_acceptance": acceptance, "experts": experts,
+            "kv_cache": {**kv, "max_batch": 16, "max_len": 1024,
+                         "dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")},
+            "tokens": tokens, "flops": model.cfg.flops_per_token(seq_len, include_mtp=False) / 3 * tokens}

@@ -1,0 +1,111 @@
+"""`leanseek speedrun --preset micro`: every stage's output, every section of the report with the run's own
+figures, stages skipped when complete and redone when their output is missing, and the presets' plans."""
+
+import json
+import re
+
+import pytest
+
+from leanseek.cli import main
+from leanseek.data.instructions import GREETINGS
+from leanseek.eval.report import SECTIONS
+from leanseek.speedrun import SPEEDRUNS, Stage, stages
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    out = tmp_path_factory.mktemp("speedrun") / "runs"
+    main(["speedrun", "--preset", "micro", "--out", str(out)])
+    return out
+
+
+def test_every_stage_output_is_complete(micro):
+    plan = stages(SPEEDRUNS["micro"], micro)
+    assert [s.name for s in plan] == ["data", "pretrain", "sft data", "sft", "eval sft", "rl", "eval rl", "probes"]
+    assert all(s.done() for s in plan)
+    manifest = json.loads((micro / "data" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["tokens"] > 0 and (micro / "data" / "tokenizer.json").is_file()
+    for run, steps in (("pretrain", 30), ("sft", 20), ("rl", 3)):
+        state = json.loads((micro / run / "latest" / "trainer_state.json").read_text())
+        assert state["step"] == steps
+        assert (micro / run / "latest" / "model.safetensors").is_file()
+        assert json.loads((micro / run / "cost.json").read_text())["flops"] > 0
+    chats = [json.loads(line)["messages"] for line in (micro / "sft.jsonl").read_text().splitlines()]
+    greetings = {q.lower().rstrip("!?") for q in GREETINGS}
+    assert any(c[1].get("reasoning_content") for c in chats)
+    assert any(c[0]["content"].lower().rstrip("!?") in greetings for c in chats)
+    for name in ("eval-sft.json", "eval-rl.json"):
+        ev = json.loads((micro / name).read_text())
+        assert ev["metrics"]["all"]["n"] == 24 and "pass@2" in ev["metrics"]["all"] and ev["tokens"] > 0
+    probes = json.loads((micro / "probes.json").read_text())
+    assert probes["samples"] and all("content" in s for s in probes["samples"])
+    assert 0 <= probes["mtp_acceptance"]["sft"]["rate"] <= 1 and probes["mtp_acceptance"]["sft"]["drafted"] > 0
+    share = probes["experts"]["rl"]["share"]
+    assert len(share) == 3 and all(abs(sum(layer) - 1) < 1e-5 for layer in share)  # nano: 3 MoE layers
+    assert probes["kv_cache"]["mla_bytes_per_token"] < probes["kv_cache"]["mha_bytes_per_token"]
+    timings = json.loads((micro / "timings.json").read_text())
+    assert list(timings) == [s.name for s in plan] and all(t["seconds"] > 0 for t in timings.values())
+
+
+def test_report_has_every_section_with_the_runs_figures(micro):
+    report = (micro / "report.md").read_text()
+    headings = re.findall(r"^## (.+)$", report, re.M)
+    assert headings == SECTIONS
+    for png in ("cost", "pretrain", "rl", "experts"):
+        assert f"(plots/{png}.png)" in report
+        assert (micro / "plots" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # figures come from the run's files
+    sft, rl = (json.loads((micro / f"eval-{s}.json").read_text())["metrics"]["all"] for s in ("sft", "rl"))
+    assert f"| pass@1 (greedy) | {sft['pass@1']:.1%} | {rl['pass@1']:.1%} |" in report
+    assert f"| mean length | {sft['length']:.1f} tokens | {rl['length']:.1f} tokens |" in report
+    probes = json.loads((micro / "probes.json").read_text())
+    kv = probes["kv_cache"]
+    assert f"| bytes per token | {kv['mla_bytes_per_token']:,} | {kv['mha_bytes_per_token']:,} |" in report
+    assert f"{probes['mtp_acceptance']['rl']['rate']:.1%}" in report
+    assert probes["samples"][0]["content"] in report
+    pretrain = [json.loads(line) for line in (micro / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert f"| after 30 steps | {pretrain[-1]['val_bpb']:.3f} |" in report
+    cfg = json.loads((micro / "rl" / "latest" / "config.json").read_text())
+    assert f"hidden {cfg['hidden_size']}" in report
+    assert re.search(r"\| \*\*total\*\* \| \*\*\d+ s\*\* \|", report)
+    assert "DeepSeek-V3 pre-training (14.8T tokens)" in report and "| pre-training | 2,664K |" in report
+    assert "leanseek pretrain --data" in report and "commit" in report
+
+
+def test_a_second_run_skips_complete_stages_and_redoes_missing_ones(micro, capsys):
+    checkpoints = sorted(p.name for p in (micro / "rl" / "checkpoints").iterdir())
+    pretrain_time = json.loads((micro / "timings.json").read_text())["pretrain"]["seconds"]
+    (micro / "eval-rl.json").unlink()
+    (micro / "report.md").unlink()
+    capsys.readouterr()
+    main(["speedrun", "--preset", "micro", "--out", str(micro)])
+    printed = capsys.readouterr().out
+    for name in ("data", "pretrain", "sft data", "sft", "eval sft", "rl", "probes"):
+        assert f"{name}: complete, skipped" in printed
+    assert "] eval rl: leanseek eval" in printed and (micro / "eval-rl.json").is_file()
+    assert (micro / "report.md").is_file() and "leanseek chat" in printed and "leanseek serve" in printed
+    assert sorted(p.name for p in (micro / "rl" / "checkpoints").iterdir()) == checkpoints
+    assert json.loads((micro / "timings.json").read_text())["pretrain"]["seconds"] == pretrain_time
+
+
+def test_an_unfinished_training_stage_is_not_complete(tmp_path):
+    stage = Stage("pretrain", tmp_path / "pretrain", ["pretrain"])
+    assert not stage.done()
+    step = tmp_path / "pretrain" / "checkpoints" / "step-000010"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text(json.dumps({"step": 10, "args": {"steps": 20}}))
+    assert not stage.done()
+    (step / "trainer_state.json").write_text(json.dumps({"step": 20, "args": {"steps": 20}}))
+    assert stage.done()
+
+
+@pytest.mark.parametrize("preset,devices", [("gpu-1", 1), ("gpu-8", 8)])
+def test_gpu_presets_state_their_expected_time_and_cost(preset, devices, capsys, tmp_path):
+    main(["speedrun", "--preset", preset, "--out", str(tmp_path / "r"), "--plan"])
+    printed = capsys.readouterr().out
+    m = re.search(r"expected: ([\d.]+) (min|h) on (\d) x H100 at 25% MFU .*, ([\d.]+) device-hours, \$(\d+)", printed)
+    assert m and int(m.group(3)) == devices
+    hours = float(m.group(1)) / (60 if m.group(2) == "min" else 1)
+    assert 0.1 < hours < 3 and float(m.group(4)) == pytest.approx(hours * devices, rel=0.1)
+    assert ("torchrun --nproc_per_node=8" in printed) == (devices == 8)
+    assert not (tmp_path / "r").exists()  # a plan runs nothing
