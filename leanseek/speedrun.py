@@ -46,14 +46,15 @@ SPEEDRUNS: dict[str, dict] = {
         probes=dict(definitions=6, mtp_prompts=8, balance_tokens=4096, max_new_tokens=32),
     ),
     # ./run.sh: a 5.4M-parameter DeepSeek-V3-style model on the built-in corpus, within 20 minutes on 2 cores.
-    # Most of the time goes to SFT: the sums are learned from conversations (1,200 small steps at lr 2e-3 bring
-    # greedy pass@1 to ~60%, 400 large ones at 1e-3 to ~4%, measured), and a definition is recalled only after
-    # being seen several times, hence fewer definitions, repeated.
+    # Most of the time goes to SFT, where the sums are learned (measured on this machine, greedy pass@1 after SFT:
+    # 400 steps of 32 x 128 tokens at lr 1e-3, 4%; 1,200 steps of 16 x 128 at 2e-3, 28% and 61% in two runs from
+    # 450 pretraining steps, 9% from 350). A definition is recalled only after being seen several times, hence
+    # fewer definitions, repeated.
     "cpu": dict(
         about="the tiny model (5.4M parameters) on the built-in corpus: under 20 minutes on a 2-core CPU",
         devices=1, device="cpu", model="tiny",
         data=dict(source=["builtin"], vocab_size=4096, tokenizer_sample_mb=20),
-        pretrain=dict(steps=350, batch_size=16, seq_len=256, eval_every=175, save_every=175),
+        pretrain=dict(steps=450, batch_size=16, seq_len=256, eval_every=150, save_every=150),
         chats=dict(definitions=500, definition_repeats=4, python=0, greetings=200, sums=16000),
         sft=dict(steps=1200, batch_size=16, seq_len=128, lr=2e-3, eval_every=600, save_every=300),
         rl=dict(task="sums", steps=50, prompts=16, group=8, max_new_tokens=64, lr=1e-4, eval_every=10,
@@ -91,7 +92,6 @@ SPEEDRUNS: dict[str, dict] = {
         probes=dict(definitions=200, mtp_prompts=256, balance_tokens=262144, max_new_tokens=128),
     ),
 }
-SFT_THINK_RATE = 0.5  # sums answered with the running sums written out; the rest at once (see data.instructions)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -186,12 +186,12 @@ def write_chats(path: Path, counts: dict, files: list[str] = ()) -> None:
     import random
 
     from .data.chat import read_chats
-    from .data.instructions import definitions, greetings, python_answers, task_chats
+    from .data.instructions import SUMS_THINK_RATE, definitions, greetings, python_answers, task_chats
 
     rng = random.Random(0)
     chats = definitions(rng, counts["definitions"]) * counts.get("definition_repeats", 1)
     chats += python_answers(rng, counts["python"]) + greetings(rng, counts["greetings"])
-    chats += task_chats(rng, "sums", counts["sums"], 0, SFT_THINK_RATE)
+    chats += task_chats(rng, "sums", counts["sums"], 0, counts.get("think_rate", SUMS_THINK_RATE))
     for file in files:
         chats += read_chats(file)
     rng.shuffle(chats)
@@ -240,8 +240,16 @@ def run(args) -> None:
     for file in args.chats:  # bad conversations fail now, not after pretraining
         read_chats(file)
     out.mkdir(parents=True, exist_ok=True)
+    settings = {"preset": args.preset, "source": args.source, "chats": args.chats}
+    made = out / "speedrun.json"
+    if made.is_file() and json.loads(made.read_text()) != settings:
+        raise ValueError(f"{out} holds a speedrun with other settings ({made.read_text().strip()}); "
+                         f"continue it with those, or choose another --out")
+    write_text_atomic(made, json.dumps(settings) + "\n")
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    from .eval.report import git_commit, write_report
+
     total = time.perf_counter()
     for i, stage in enumerate(plan, 1):
         if stage.done():
@@ -253,10 +261,8 @@ def run(args) -> None:
         stage.run()
         seconds = time.perf_counter() - t0
         previous = timings.get(stage.name, {}).get("seconds", 0.0)  # an interrupted attempt's time counts too
-        timings[stage.name] = {"seconds": previous + seconds, "command": stage.command()}
+        timings[stage.name] = {"seconds": previous + seconds, "command": stage.command(), "commit": git_commit()}
         write_text_atomic(timings_path, json.dumps(timings, indent=2) + "\n")
-    from .eval.report import write_report
-
     report = write_report(out, args.preset, preset, plan)
     print(f"\nspeedrun {args.preset} complete in {time.perf_counter() - total:.0f}s this time "
           f"({sum(t['seconds'] for t in timings.values()):.0f}s of stages in all). Report card: {report}")

@@ -45,6 +45,7 @@ def test_every_stage_output_is_complete(micro):
     assert probes["kv_cache"]["mla_bytes_per_token"] < probes["kv_cache"]["mha_bytes_per_token"]
     timings = json.loads((micro / "timings.json").read_text())
     assert list(timings) == [s.name for s in plan] and all(t["seconds"] > 0 for t in timings.values())
+    assert all("commit" in t for t in timings.values())
 
 
 def test_report_has_every_section_with_the_runs_figures(micro):
@@ -69,7 +70,7 @@ def test_report_has_every_section_with_the_runs_figures(micro):
     assert f"hidden {cfg['hidden_size']}" in report
     assert re.search(r"\| \*\*total\*\* \| \*\*\d+ s\*\* \|", report)
     assert "DeepSeek-V3 pre-training (14.8T tokens)" in report and "| pre-training | 2,664K |" in report
-    assert "leanseek pretrain --data" in report and "commit" in report
+    assert "leanseek pretrain --data" in report and "stages ran at commit" in report
 
 
 def test_a_second_run_skips_complete_stages_and_redoes_missing_ones(micro, capsys):
@@ -86,6 +87,13 @@ def test_a_second_run_skips_complete_stages_and_redoes_missing_ones(micro, capsy
     assert (micro / "report.md").is_file() and "leanseek chat" in printed and "leanseek serve" in printed
     assert sorted(p.name for p in (micro / "rl" / "checkpoints").iterdir()) == checkpoints
     assert json.loads((micro / "timings.json").read_text())["pretrain"]["seconds"] == pretrain_time
+
+
+def test_a_run_folder_continues_only_with_its_own_settings(micro, capsys):
+    for other in (["--preset", "cpu"], ["--preset", "micro", "--source", "builtin"]):
+        with pytest.raises(SystemExit, match="2"):
+            main(["speedrun", *other, "--out", str(micro)])
+        assert "holds a speedrun with other settings" in capsys.readouterr().err
 
 
 def test_an_unfinished_training_stage_is_not_complete(tmp_path):
@@ -109,3 +117,28 @@ def test_gpu_presets_state_their_expected_time_and_cost(preset, devices, capsys,
     assert 0.1 < hours < 3 and float(m.group(4)) == pytest.approx(hours * devices, rel=0.1)
     assert ("torchrun --nproc_per_node=8" in printed) == (devices == 8)
     assert not (tmp_path / "r").exists()  # a plan runs nothing
+
+
+def test_the_assistant_runs_in_transformers_as_in_leanseek(micro):
+    """The final checkpoint handed to transformers (the README's snippet): its chat template, its generation
+    config (which stops at the end of the turn) and greedy generate give leanseek's engine's reply."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from leanseek.eval.probes import reply
+    from leanseek.infer.engine import Engine
+    from leanseek.model.hf import load_hf
+    from leanseek.data.tokenizer import TextTokenizer
+
+    path = micro / "rl" / "latest"
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    messages = [{"role": "user", "content": "12+34+56"}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=40, do_sample=False)[0, ids["input_ids"].shape[1]:]
+    theirs = tok.decode(out)
+    ours = reply(Engine(load_hf(path), TextTokenizer.load(path), max_batch=1, max_len=256), TextTokenizer.load(path),
+                 ["12+34+56"], 40)[0]
+    assert theirs.startswith("<think>" + (ours["reasoning"] or "") + "</think>" + ours["content"])
+    if len(out) < 40:  # it stopped: at the end of the turn
+        assert theirs.endswith("<|end|>")

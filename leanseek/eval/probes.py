@@ -77,7 +77,7 @@ def definition_recall(engine, tokenizer, sft_chats: list[list[dict]], n: int, ma
         out[name] = {"n": len(words), "f1": sum(scores) / len(scores), "chance_f1": sum(chance) / len(chance),
                      "f1>=0.5": sum(s >= 0.5 for s in scores) / len(scores),
                      "examples": [{"word": w, "reply": a["content"], "wordnet": pool[w], "f1": s}
-                                  for w, a, s in list(zip(words, answers, scores))[:3]]}
+                                  for w, a, s in list(zip(words, answers, scores))[:4]]}
     return out
 
 
@@ -96,43 +96,42 @@ def balance(model, tokens, seq_len: int, n_tokens: int) -> dict:
 
 
 def run_probes(out: Path, preset: dict) -> dict:
+    """The probes of the SFT model and the final (GRPO) one, with greedy decoding throughout."""
     p = preset["probes"]
     device = default_device()
-    final = checkpoint_of(out / "rl")
-    tokenizer = TextTokenizer.load(final)
-    model = load_hf(final, device=device)
-    engine = Engine(model, tokenizer, max_batch=64, max_len=512)
     task = get_task(preset["rl"]["task"])
     sft_chats = read_chats(out / "sft.jsonl")
-    recall = definition_recall(engine, tokenizer, sft_chats, p["definitions"], p["max_new_tokens"])
+    # MTP acceptance over task problems and SFT questions. SFT trains the MTP module with the model; GRPO
+    # trains the main model only, so its drafts may fit the final model less well.
+    spec_prompts = [q.prompt for q in task.test_set(p["mtp_prompts"] // 2)]
+    spec_prompts += [c[0]["content"] for c in sft_chats[:p["mtp_prompts"] - len(spec_prompts)]]
+    recall, acceptance, engines = {}, {}, []
+    for name in ("sft", "rl"):
+        path = checkpoint_of(out / name)
+        tokenizer, model = TextTokenizer.load(path), load_hf(path, device=device)
+        engine = Engine(model, tokenizer, max_batch=64, max_len=512)
+        recall[name] = definition_recall(engine, tokenizer, sft_chats, p["definitions"], p["max_new_tokens"])
+        reply(engine, tokenizer, spec_prompts, p["max_new_tokens"], speculative=True)
+        acceptance[name] = {"rate": engine.acceptance_rate, "drafted": engine.stats["drafted"]}
+        engines.append(engine)
+
     prompts = ["Hello! Who are you?", "What can you do?"]
     if preset["chats"]["python"]:
         prompts.append("What does json.dumps do?")
-    if recall:
-        prompts += [f"What does '{e['word']}' mean?" for part in recall.values() for e in part["examples"][:1]]
-    prompts += [problem.prompt for problem in task.test_set(2)]
-    samples = reply(engine, tokenizer, prompts, p["max_new_tokens"])
-
-    # MTP acceptance: greedy self-speculative decoding of task problems and definition questions, for the SFT
-    # model (its MTP module trained with it) and the final one (GRPO trains the main model only)
-    spec_prompts = [q.prompt for q in task.test_set(p["mtp_prompts"] // 2)]
-    spec_prompts += [c[0]["content"] for c in sft_chats[:p["mtp_prompts"] - len(spec_prompts)]]
-    acceptance, tokens = {}, 0
-    for name, path in (("sft", checkpoint_of(out / "sft")), ("rl", final)):
-        spec = Engine(load_hf(path, device=device), tokenizer, max_batch=32, max_len=512)
-        reply(spec, tokenizer, spec_prompts, p["max_new_tokens"], speculative=True)
-        acceptance[name] = {"rate": spec.acceptance_rate, "drafted": spec.stats["drafted"]}
-        tokens += spec.stats["prompt_tokens"] + spec.stats["generated_tokens"]
+    if recall["rl"]:
+        prompts += [f"What does '{e['word']}' mean?" for part in recall["rl"].values() for e in part["examples"][:2]]
+    prompts += [problem.prompt for problem in task.test_set(3)]
+    samples = reply(engine, tokenizer, prompts, p["max_new_tokens"])  # the final model's
 
     val, _ = load_split(out / "data", "val")
     seq_len = preset["pretrain"]["seq_len"]
     experts = {"pretrain": balance(load_hf(checkpoint_of(out / "pretrain"), device=device), val, seq_len,
                                    p["balance_tokens"]),
                "rl": balance(model, val, seq_len, p["balance_tokens"])}
-    tokens += engine.stats["prompt_tokens"] + engine.stats["generated_tokens"]
+    tokens = sum(e.stats["prompt_tokens"] + e.stats["generated_tokens"] for e in engines)
     tokens += sum(e["tokens"] for e in experts.values())
     kv = Engine(model, tokenizer, max_batch=16, max_len=1024).memory_report()  # `leanseek serve`'s defaults
-    return {"samples": samples, "definitions": recall, "mtp_acceptance": acceptance, "experts": experts,
-            "kv_cache": {**kv, "max_batch": 16, "max_len": 1024,
-                         "dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")},
+    return {"samples": samples, "definitions": recall if recall["rl"] else None, "mtp_acceptance": acceptance,
+            "experts": experts, "kv_cache": {**kv, "max_batch": 16, "max_len": 1024,
+                                             "dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")},
             "tokens": tokens, "flops": model.cfg.flops_per_token(seq_len, include_mtp=False) / 3 * tokens}

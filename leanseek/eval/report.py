@@ -51,8 +51,8 @@ def duration(seconds: float) -> str:
         else f"{seconds / 3600:.1f} h"
 
 
-def environment() -> list[list[str]]:
-    """Where and with what the run ran, and the leanseek commit."""
+def git_commit() -> str:
+    """The leanseek checkout's commit, marked when tracked files have changed since; "" outside a git checkout."""
     repo = Path(__file__).resolve().parents[2]
 
     def git(*args) -> str:
@@ -62,10 +62,16 @@ def environment() -> list[list[str]]:
         except (OSError, subprocess.TimeoutExpired):
             return ""
 
-    commit = git("rev-parse", "HEAD")
-    if commit:
-        commit = commit[:12] + (" (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no")
-                                else "")
+    commit = git("rev-parse", "HEAD")[:12]
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += " (with uncommitted changes)"
+    return commit
+
+
+def environment(timings: dict) -> list[list[str]]:
+    """Where and with what the run ran, and the leanseek commit(s) its stages ran at."""
+    commit = git_commit()
+    ran = sorted({t["commit"] for t in timings.values() if t.get("commit")})
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -75,7 +81,8 @@ def environment() -> list[list[str]]:
     from .. import __version__
 
     rows = [["date", datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")],
-            ["leanseek", f"{__version__}, commit {commit or 'unknown (not a git checkout)'}"],
+            ["leanseek", f"{__version__}; stages ran at commit {', '.join(ran) or 'unknown'}; this report was "
+                         f"written at commit {commit or 'unknown (not a git checkout)'}"],
             ["CPU", f"{cpu}, {os.cpu_count()} cores visible, torch uses {torch.get_num_threads()} threads"],
             ["GPU", ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"],
             ["software", f"Python {platform.python_version()}, torch {torch.__version__}, {platform.platform()}"]]
@@ -105,7 +112,7 @@ def write_report(out: Path, name: str, preset: dict, plan) -> Path:
     plots.mkdir(exist_ok=True)
     parts = [f"# leanseek speedrun `{name}`: report card\n\n{preset['about']}. Every figure below was measured "
              "by this run, from the files in this folder.\n"]
-    parts.append("## Environment\n\n" + md_table(["", ""], environment()))
+    parts.append("## Environment\n\n" + md_table(["", ""], environment(run.timings)))
     parts.append(model_section(run, preset))
     parts.append(tokens_section(run))
     parts.append(cost_section(run, preset, plots))
@@ -247,7 +254,9 @@ def pretraining_section(run: Run, plots: Path) -> str:
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     ax[0].plot([line["step"] for line in m], [line["ce"] for line in m], lw=0.8, label="train loss (nats/token)")
     ax[0].set_xlabel("step"), ax[0].legend(), ax[0].set_title("pretraining loss")
-    ax[1].plot([line["step"] for line in evals], [line["val_bpb"] for line in evals], "o-", label="validation")
+    start = [(0, first["initial_val_bpb"])] if "initial_val_bpb" in first else []
+    points = start + [(line["step"], line["val_bpb"]) for line in evals]
+    ax[1].plot([x for x, _ in points], [y for _, y in points], "o-", label="validation")
     if "unigram_val_bpb" in first:
         ax[1].axhline(first["unigram_val_bpb"], color="grey", ls="--", label="unigram baseline")
     ax[1].set_xlabel("step"), ax[1].set_ylabel("bits per byte"), ax[1].legend(), ax[1].set_title("validation bpb")
@@ -304,13 +313,16 @@ def definitions_section(run: Run) -> str:
     if not d:
         return ("## Definitions\n\nWordNet is not installed here (Debian's wordnet-base), so neither the corpus nor "
                 "the SFT set has definitions to ask about.")
-    rows = [[name, r["n"], f"{r['f1']:.2f}", f"{r['f1>=0.5']:.0%}", f"{r['chance_f1']:.2f}"] for name, r in d.items()]
+    rows = [[group, r["n"], f"{d['sft'][group]['f1']:.2f}", f"{r['f1']:.2f}", f"{d['sft'][group]['f1>=0.5']:.0%}",
+             f"{r['f1>=0.5']:.0%}", f"{r['chance_f1']:.2f}"] for group, r in d["rl"].items()]
     examples = [f"- *{e['word']}*: {e['reply']!r} (WordNet: {e['wordnet']!r}, F1 {e['f1']:.2f})"
-                for r in d.values() for e in r["examples"]]
+                for r in d["rl"].values() for e in r["examples"]]
     return ("## Definitions\n\n\"What does 'w' mean?\" for words whose definitions SFT taught, and for words only "
-            "the pretraining corpus (WordNet) defines. Score: word-overlap F1 of the reply with WordNet's gloss; "
-            "chance is the F1 against another word's gloss.\n\n"
-            + md_table(["words", "asked", "mean F1", "F1 >= 0.5", "chance F1"], rows) + "\n\n" + "\n".join(examples))
+            "the pretraining corpus (WordNet) defines. Score: word-overlap F1 of the greedy reply with WordNet's "
+            "gloss; chance is the final model's F1 against another word's gloss.\n\n"
+            + md_table(["words", "asked", "F1 after SFT", "after GRPO", "F1 >= 0.5 after SFT", "after GRPO",
+                        "chance F1"], rows)
+            + "\n\nThe final model's replies:\n\n" + "\n".join(examples))
 
 
 def experts_section(run: Run, plots: Path) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..data.tokenizer import TextTokenizer
+from ..data.tokenizer import END_OF_TURN, TextTokenizer
 from ..model.hf import save_hf
 from ..model.transformer import Transformer
 
@@ -53,6 +53,10 @@ def save_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer_stat
     shutil.rmtree(tmp, ignore_errors=True)
     save_hf(model, tmp)
     tokenizer.save(tmp)
+    # transformers' generate, vLLM and SGLang stop where this says: at the end of the assistant's turn too
+    (tmp / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": tokenizer.bos_id, "pad_token_id": tokenizer.pad_id,
+        "eos_token_id": [tokenizer.eos_id, tokenizer.token_id(END_OF_TURN)]}, indent=2) + "\n")
     tensors = {f"{name}::{key}": value.detach().cpu().contiguous()
                for name, per_param in optimizer_state["state"].items() for key, value in per_param.items()}
     save_file(tensors, tmp / "optimizer.safetensors", metadata={"format": "pt"})
