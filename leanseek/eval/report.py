@@ -178,7 +178,8 @@ def stage_costs(run: Run, preset: dict) -> list[dict]:
     rows = []
     for stage in run.timings:
         devices = preset["devices"] if stage in ("pretrain", "sft") else 1
-        seconds = run.seconds(stage)
+        ledger_seconds = (run.ledgers.get(stage) or {}).get("wall_seconds", 0.0)
+        seconds = max(run.seconds(stage), ledger_seconds)  # a resumed stage's ledger holds its earlier steps too
         f = (flops.get(stage) or {}).get("flops", 0.0) if stage != "probes" else \
             (run.probes or {}).get("flops", 0.0)
         # a rented multi-GPU machine is paid for by the hour whatever runs: every stage costs all its devices
@@ -223,7 +224,8 @@ def cost_section(run: Run, preset: dict, plots: Path) -> str:
               "wall time (minutes)", "where the time went")
     source = "measured: the best float32 matmul this machine reaches" if device == "CPU" else "its datasheet"
     return (f"## Cost\n\n{table}\n\nWall time is each stage's whole run (start-up, evaluations and checkpoints "
-            f"included); MFU is its FLOPs over wall time x devices x peak, the peak being "
+            f"included; for a training stage resumed after an interruption, at least its ledger's step time); "
+            f"MFU is its FLOPs over wall time x devices x peak, the peak being "
             f"{peak:.3g} TFLOP/s per device ({source}). "
             f"Dollars at ${ledger.get('price_per_device_hour', 0):g} per {device}-hour. FLOPs are counted from the "
             "model's shape: 6 per active weight per trained token plus attention, a third of that per token "
@@ -322,7 +324,8 @@ def definitions_section(run: Run) -> str:
             "gloss; chance is the final model's F1 against another word's gloss.\n\n"
             + md_table(["words", "asked", "F1 after SFT", "after GRPO", "F1 >= 0.5 after SFT", "after GRPO",
                         "chance F1"], rows)
-            + "\n\nThe final model's replies:\n\n" + "\n".join(examples))
+            + "\n\nThe final model's replies with the best, upper-quartile, median, lower-quartile and worst F1 of "
+            "each group:\n\n" + "\n".join(examples))
 
 
 def experts_section(run: Run, plots: Path) -> str:
