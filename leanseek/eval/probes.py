@@ -26,10 +26,11 @@ DEFINITION_QUESTION = re.compile(r"^(?:What does|Define|What is the meaning of) 
 
 
 def reply(engine: Engine, tokenizer: TextTokenizer, prompts: list[str], max_new_tokens: int,
-          speculative: bool = False) -> list[dict]:
-    """Greedy replies to one-turn chats: {"user", "reasoning", "content"} each (reasoning None without a think
-    block)."""
-    ids = [encode_chat(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True)[0] for p in prompts]
+          speculative: bool = False, history: list[dict] = ()) -> list[dict]:
+    """Greedy replies to `prompts`, each the next user turn after `history`: {"user", "reasoning", "content"}
+    each (reasoning None without a think block)."""
+    ids = [encode_chat(tokenizer, [*history, {"role": "user", "content": p}], add_generation_prompt=True)[0]
+           for p in prompts]
     outs = engine.generate(ids, max_new_tokens=max_new_tokens, stop=[tokenizer.token_id(END_OF_TURN)],
                            speculative=speculative)
     replies = []
@@ -40,6 +41,17 @@ def reply(engine: Engine, tokenizer: TextTokenizer, prompts: list[str], max_new_
             reasoning, text = text.removeprefix(THINK).split(END_THINK, 1)
         replies.append({"user": prompt, "reasoning": reasoning, "content": text.strip()})
     return replies
+
+
+def converse(engine: Engine, tokenizer: TextTokenizer, questions: list[str], max_new_tokens: int) -> list[dict]:
+    """One conversation, turn by turn, its history holding the answers without their reasoning (as the web chat
+    and DeepSeek's API send it back)."""
+    history, turns = [], []
+    for question in questions:
+        turn = reply(engine, tokenizer, [question], max_new_tokens, history=history)[0]
+        history += [{"role": "user", "content": question}, {"role": "assistant", "content": turn["content"]}]
+        turns.append(turn)
+    return turns
 
 
 def gloss_f1(reply: str, reference: str) -> float:
@@ -130,6 +142,9 @@ def run_probes(out: Path, preset: dict) -> dict:
         prompts += [f"What does '{e[len(e) // 2]['word']}' mean?" for e in examples]
     prompts += [problem.prompt for problem in task.test_set(3)]
     samples = reply(engine, tokenizer, prompts, p["max_new_tokens"])  # the final model's
+    definition = [q for q in prompts if q.startswith("What does '")][:1]
+    conversation = converse(engine, tokenizer, [prompts[0], *definition, prompts[-1], prompts[1]],
+                            p["max_new_tokens"])
 
     val, _ = load_split(out / "data", "val")
     seq_len = preset["pretrain"]["seq_len"]
@@ -139,7 +154,7 @@ def run_probes(out: Path, preset: dict) -> dict:
     tokens = sum(e.stats["prompt_tokens"] + e.stats["generated_tokens"] for e in engines)
     tokens += sum(e["tokens"] for e in experts.values())
     kv = Engine(model, tokenizer, max_batch=16, max_len=1024).memory_report()  # `leanseek serve`'s defaults
-    return {"samples": samples, "definitions": recall if recall["rl"] else None, "mtp_acceptance": acceptance,
-            "experts": experts, "kv_cache": {**kv, "max_batch": 16, "max_len": 1024,
+    return {"samples": samples, "conversation": conversation, "definitions": recall if recall["rl"] else None,
+            "mtp_acceptance": acceptance, "experts": experts, "kv_cache": {**kv, "max_batch": 16, "max_len": 1024,
                                              "dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")},
             "tokens": tokens, "flops": model.cfg.flops_per_token(seq_len, include_mtp=False) / 3 * tokens}

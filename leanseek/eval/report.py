@@ -110,7 +110,8 @@ def write_report(out: Path, name: str, preset: dict, plan) -> Path:
     run = Run(out)
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
-    parts = [f"# leanseek speedrun `{name}`: report card\n\n{preset['about']}. Every figure below was measured "
+    about = preset["about"][0].upper() + preset["about"][1:]
+    parts = [f"# leanseek speedrun `{name}`: report card\n\n{about}. Every figure below was measured "
              "by this run, from the files in this folder.\n"]
     parts.append("## Environment\n\n" + md_table(["", ""], environment(run.timings)))
     parts.append(model_section(run, preset))
@@ -381,12 +382,17 @@ def kv_section(run: Run) -> str:
 
 
 def samples_section(run: Run) -> str:
-    samples = (run.probes or {}).get("samples") or []
+    probes = run.probes or {}
+
+    def turn(t: dict) -> str:
+        thinking = f"> *thinking:* {t['reasoning'].strip()}\n\n" if t["reasoning"] else ""
+        return f"**User:** {t['user']}\n\n{thinking}**leanseek:** {t['content']}"
+
     out = ["## Sample conversations\n\nGreedy replies of the final model (what `leanseek serve` answers at "
-           "temperature 0)."]
-    for s in samples:
-        out.append(f"**User:** {s['user']}\n\n" + (f"> *thinking:* {s['reasoning'].strip()}\n\n" if s["reasoning"]
-                                                   else "") + f"**leanseek:** {s['content']}")
+           "temperature 0), each to a first message:", *map(turn, probes.get("samples") or [])]
+    if probes.get("conversation"):
+        out += ["And one conversation, its history sent back as the web chat sends it (answers without their "
+                "reasoning):", *map(turn, probes["conversation"])]
     return "\n\n".join(out)
 
 
