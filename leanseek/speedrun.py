@@ -182,7 +182,9 @@ def stages(preset: dict, out: Path, source: list[str] | None = None, threads: in
 def write_chats(path: Path, counts: dict, files: list[str] = ()) -> None:
     """The SFT set as OpenAI messages JSONL, shuffled: leanseek.data.instructions' built-in exchanges in these
     counts (each definition `definition_repeats` times: a small model learns a definition only by seeing it
-    several times) joined into conversations of 1 to 3 turns, and the conversations of `files`."""
+    several times), and the conversations of `files`. Single exchanges: joined into conversations of 1 to 3
+    turns (measured), the sums came out worse (11% greedy pass@1 after SFT, 38% after GRPO, against 26% and 84%)
+    and later turns no better."""
     import random
 
     from .data.chat import read_chats
@@ -192,18 +194,10 @@ def write_chats(path: Path, counts: dict, files: list[str] = ()) -> None:
     chats = definitions(rng, counts["definitions"]) * counts.get("definition_repeats", 1)
     chats += python_answers(rng, counts["python"]) + greetings(rng, counts["greetings"])
     chats += task_chats(rng, "sums", counts["sums"], 0, counts.get("think_rate", SUMS_THINK_RATE))
-    rng.shuffle(chats)
-    # a chat carries its history: join the exchanges into conversations of 1 to 3 turns, so that the model
-    # answers the last question whatever came before it
-    conversations, i = [], 0
-    while i < len(chats):
-        turns = rng.choice((1, 1, 2, 3))
-        conversations.append([m for chat in chats[i:i + turns] for m in chat])
-        i += turns
     for file in files:
-        conversations += read_chats(file)
-    rng.shuffle(conversations)
-    write_text_atomic(path, "".join(json.dumps({"messages": c}) + "\n" for c in conversations))
+        chats += read_chats(file)
+    rng.shuffle(chats)
+    write_text_atomic(path, "".join(json.dumps({"messages": c}) + "\n" for c in chats))
 
 
 def _probes(out: Path, preset: dict) -> None:

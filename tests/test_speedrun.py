@@ -34,8 +34,7 @@ def test_every_stage_output_is_complete(micro):
     greetings = {q.lower().rstrip("!?") for q in GREETINGS}
     assert any(c[1].get("reasoning_content") for c in chats)
     assert any(c[0]["content"].lower().rstrip("!?") in greetings for c in chats)
-    assert {len(c) for c in chats} == {2, 4, 6}  # one to three exchanges
-    assert all(m["role"] == ("user", "assistant")[i % 2] for c in chats for i, m in enumerate(c))
+    assert all([m["role"] for m in c] == ["user", "assistant"] for c in chats)
     for name in ("eval-sft.json", "eval-rl.json"):
         ev = json.loads((micro / name).read_text())
         assert ev["metrics"]["all"]["n"] == 24 and "pass@2" in ev["metrics"]["all"] and ev["tokens"] > 0
