@@ -248,7 +248,8 @@ def pretraining_section(run: Run, plots: Path) -> str:
     rows += [[f"after {line['step']} steps", f"{line['val_bpb']:.3f}"] for line in evals]
     sft_evals = [line for line in run.metrics["sft"] if "val_bpb" in line]
     if sft_evals:
-        rows.append([f"SFT model on held-out conversations (assistant tokens), step {sft_evals[-1]['step']}",
+        rows.append([f"SFT model, step {sft_evals[-1]['step']}, on the SFT set's held-out conversations (assistant "
+                     "tokens; a repeated definition may be in both)",
                      f"{sft_evals[-1]['val_bpb']:.3f}"])
     step_mfu = run.ledgers["pretrain"]["mfu"] if run.ledgers["pretrain"] else 0.0
     tps = sum(line["tokens_per_s"] for line in m) / len(m)
