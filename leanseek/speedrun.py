@@ -47,9 +47,9 @@ SPEEDRUNS: dict[str, dict] = {
     ),
     # ./run.sh: a 5.4M-parameter DeepSeek-V3-style model on the built-in corpus, within 20 minutes on 2 cores.
     # Most of the time goes to SFT, where the sums are learned (measured on this machine, greedy pass@1 after SFT:
-    # 400 steps of 32 x 128 tokens at lr 1e-3, 4%; 1,200 steps of 16 x 128 at 2e-3, 28% and 61% in two runs from
-    # 450 pretraining steps, 9% from 350). A definition is recalled only after being seen several times, hence
-    # fewer definitions, repeated.
+    # 400 steps of 32 x 128 tokens at lr 1e-3, 4%; 1,200 steps of 16 x 128 at 2e-3, 26%, 28% and 61% in three
+    # runs from 450 pretraining steps, 9% from 350). A definition is recalled only after being seen several times,
+    # hence fewer definitions, repeated.
     "cpu": dict(
         about="the tiny model (5.4M parameters) on the built-in corpus: under 20 minutes on a 2-core CPU",
         devices=1, device="cpu", model="tiny",
@@ -62,8 +62,8 @@ SPEEDRUNS: dict[str, dict] = {
         eval=dict(problems=300, k=4, max_new_tokens=64),
         probes=dict(definitions=50, mtp_prompts=64, balance_tokens=65536, max_new_tokens=96),
     ),
-    # One H100/H200: the 86M `small` model, 1B pretraining tokens. The built-in corpus is ~24M tokens, so bring a
-    # larger one with --source, or it is repeated ~40 times.
+    # One H100/H200: the 86M `small` model, 1B pretraining tokens. The built-in corpus is some 20M tokens at this
+    # vocabulary, so bring a larger one with --source, or it is repeated ~50 times.
     "gpu-1": dict(
         about="the small model (86M parameters, 48M active) on 1B tokens: one H100/H200",
         devices=1, device="H100", mfu=0.25, model="small",
@@ -135,7 +135,7 @@ class Stage:
         return state["step"] >= state["args"]["steps"]
 
     def command(self) -> str:
-        """The stage as a shell command (None for stages the speedrun does itself)."""
+        """The stage as a shell command ("" for stages the speedrun does itself)."""
         if self.argv is None:
             return ""
         launcher = ["torchrun", f"--nproc_per_node={self.devices}", "-m", "leanseek"] if self.devices > 1 \
