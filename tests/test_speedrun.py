@@ -72,6 +72,7 @@ def test_report_has_every_section_with_the_runs_figures(micro):
     assert re.search(r"\| \*\*total\*\* \| \*\*\d+ s\*\* \|", report)
     assert "DeepSeek-V3 pre-training (14.8T tokens)" in report and "| pre-training | 2,664K |" in report
     assert "leanseek pretrain --data" in report and "stages ran at commit" in report
+    assert f"`leanseek speedrun --preset micro --out {micro}`" in report
 
 
 def test_a_second_run_skips_complete_stages_and_redoes_missing_ones(micro, capsys):
@@ -150,3 +151,12 @@ def test_examples_show_the_spread_of_scores():
 
     assert quantile_picks([0.1, 0.9, 0.5, 0.3, 0.7]) == [1, 4, 2, 3, 0]  # best, upper quartile, median, ..., worst
     assert quantile_picks([0.5]) == [0]
+
+
+def test_the_report_gives_the_command_that_continues_the_run(tmp_path):
+    from leanseek.eval.report import speedrun_command
+
+    (tmp_path / "speedrun.json").write_text(json.dumps({"preset": "cpu", "source": ["builtin", "my notes/"],
+                                                        "chats": ["chats.jsonl"]}))
+    assert speedrun_command(tmp_path, "cpu") == ("leanseek speedrun --preset cpu --source builtin 'my notes/' "
+                                                 f"--chats chats.jsonl --out {tmp_path}")

@@ -126,10 +126,19 @@ def write_report(out: Path, name: str, preset: dict, plan) -> Path:
     parts.append(samples_section(run))
     parts.append("## Reproduce\n\nEach stage is one command (the speedrun skips those already complete):\n\n```\n"
                  + "\n".join(s.command() or f"# {s.name}: written by the speedrun itself" for s in plan)
-                 + f"\n```\n\nor all of them: `leanseek speedrun --preset {name} --out {out}`.")
+                 + f"\n```\n\nor all of them: `{speedrun_command(out, name)}`.")
     path = out / "report.md"
     write_text_atomic(path, "\n\n".join(parts) + "\n")
     return path
+
+
+def speedrun_command(out: Path, name: str) -> str:
+    """The command that made (and continues) this run, its --source and --chats included."""
+    import shlex
+
+    settings = read_json(out / "speedrun.json") or {}
+    extra = [x for key in ("source", "chats") if settings.get(key) for x in (f"--{key}", *settings[key])]
+    return shlex.join(["leanseek", "speedrun", "--preset", name, *extra, "--out", str(out)])
 
 
 def model_section(run: Run, preset: dict) -> str:
