@@ -292,11 +292,13 @@ def cmd_eval(args) -> None:
     if args.json:
         from .atomic import write_text_atomic
 
-        tokens = engine.stats["prompt_tokens"] + engine.stats["generated_tokens"]
-        flops = model.cfg.flops_per_token(256, include_mtp=False) / 3 * tokens  # a forward per token
+        from .train.cost import forward_flops
+
+        tokens = engine.processed_tokens
         write_text_atomic(Path(args.json), json.dumps({
             "task": task.name, "model": str(path), "k": args.k, "temperature": args.temperature,
-            "metrics": result, "tokens": tokens, "flops": flops, "seconds": seconds}, indent=2) + "\n")
+            "metrics": result, "tokens": tokens, "flops": forward_flops(model.cfg, 256, tokens),
+            "seconds": seconds}, indent=2) + "\n")
     for i in range(min(args.show, len(problems))):
         print(f"\n{problems[i].prompt} -> {tokenizer.decode(greedy[i][0].tokens)!r}")
 

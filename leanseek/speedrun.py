@@ -210,7 +210,7 @@ def expected_cost(preset: dict) -> dict:
     """Training FLOPs of the preset's pretraining, SFT and RL, and the time and dollars they take on its devices at
     its assumed MFU (GPU presets) -- an estimate, to be replaced by the report's measured figures."""
     from .model.config import ModelConfig
-    from .train.cost import PEAK_TFLOPS
+    from .train.cost import PEAK_TFLOPS, forward_flops
 
     cfg = ModelConfig.preset(preset["model"], vocab_size=preset["data"]["vocab_size"])
     p, s, r = preset["pretrain"], preset["sft"], preset["rl"]
@@ -218,7 +218,7 @@ def expected_cost(preset: dict) -> dict:
              "sft": cfg.flops_per_token(s["seq_len"]) * s["steps"] * s["batch_size"] * s["seq_len"]}
     # RL: each sampled token costs a forward; the update a forward and a forward-backward over ~96-token sequences
     samples = r["steps"] * r["prompts"] * r["group"] * 96
-    flops["rl"] = cfg.flops_per_token(96, include_mtp=False) * samples * (1 / 3 + 1 / 3 + 1)
+    flops["rl"] = forward_flops(cfg, 96, 2 * samples) + cfg.flops_per_token(96, include_mtp=False) * samples
     total = sum(flops.values())
     out = {"flops": flops, "total_flops": total}
     if preset["device"] != "cpu":

@@ -14,12 +14,14 @@ import torch
 from ..data import load_split
 from ..data.chat import encode_chat, read_chats
 from ..data.instructions import definitions
-from ..data.tokenizer import END_OF_TURN, THINK, END_THINK, TextTokenizer
+from ..data.tokenizer import END_OF_TURN, TextTokenizer
 from ..infer.engine import Engine, default_device
 from ..model.hf import load_hf
+from ..serve.text import TextStream
 from ..tasks import get_task
 from ..train.balance import expert_load, max_violation
 from ..train.checkpoint import checkpoint_of
+from ..train.cost import forward_flops
 from ..train.loader import eval_windows
 
 DEFINITION_QUESTION = re.compile(r"^(?:What does|Define|What is the meaning of) '(.+?)'")
@@ -28,18 +30,15 @@ DEFINITION_QUESTION = re.compile(r"^(?:What does|Define|What is the meaning of) 
 def reply(engine: Engine, tokenizer: TextTokenizer, prompts: list[str], max_new_tokens: int,
           speculative: bool = False, history: list[dict] = ()) -> list[dict]:
     """Greedy replies to `prompts`, each the next user turn after `history`: {"user", "reasoning", "content"}
-    each (reasoning None without a think block)."""
+    each, split as `leanseek serve` splits them."""
     ids = [encode_chat(tokenizer, [*history, {"role": "user", "content": p}], add_generation_prompt=True)[0]
            for p in prompts]
     outs = engine.generate(ids, max_new_tokens=max_new_tokens, stop=[tokenizer.token_id(END_OF_TURN)],
                            speculative=speculative)
     replies = []
     for prompt, out in zip(prompts, outs):
-        text = tokenizer.decode(out).removesuffix(END_OF_TURN)
-        reasoning = None
-        if text.startswith(THINK) and END_THINK in text:
-            reasoning, text = text.removeprefix(THINK).split(END_THINK, 1)
-        replies.append({"user": prompt, "reasoning": reasoning, "content": text.strip()})
+        reasoning, content = TextStream(tokenizer, [], chat=True).feed(out, final=True)
+        replies.append({"user": prompt, "reasoning": reasoning, "content": content.strip()})
     return replies
 
 
@@ -151,10 +150,9 @@ def run_probes(out: Path, preset: dict) -> dict:
     experts = {"pretrain": balance(load_hf(checkpoint_of(out / "pretrain"), device=device), val, seq_len,
                                    p["balance_tokens"]),
                "rl": balance(model, val, seq_len, p["balance_tokens"])}
-    tokens = sum(e.stats["prompt_tokens"] + e.stats["generated_tokens"] for e in engines)
-    tokens += sum(e["tokens"] for e in experts.values())
+    tokens = sum(e.processed_tokens for e in engines) + sum(e["tokens"] for e in experts.values())
     kv = Engine(model, tokenizer, max_batch=16, max_len=1024).memory_report()  # `leanseek serve`'s defaults
+    kv.update(max_batch=16, max_len=1024, dtype=str(model.lm_head.weight.dtype).removeprefix("torch."))
     return {"samples": samples, "conversation": conversation, "definitions": recall if recall["rl"] else None,
-            "mtp_acceptance": acceptance, "experts": experts, "kv_cache": {**kv, "max_batch": 16, "max_len": 1024,
-                                             "dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")},
-            "tokens": tokens, "flops": model.cfg.flops_per_token(seq_len, include_mtp=False) / 3 * tokens}
+            "mtp_acceptance": acceptance, "experts": experts, "kv_cache": kv, "tokens": tokens,
+            "flops": forward_flops(model.cfg, seq_len, tokens)}

@@ -15,10 +15,8 @@ import torch
 from ..atomic import write_atomic, write_text_atomic
 from ..model.config import ModelConfig, human
 from ..train.checkpoint import checkpoint_of
-from ..train.cost import DEEPSEEK_V3, PEAK_TFLOPS
+from ..train.cost import DEEPSEEK_V3, DEEPSEEK_V3_GPU_HOURS, PEAK_TFLOPS
 
-# DeepSeek-V3 technical report, Table 1: H800 GPU-hours per stage, at $2 per GPU-hour
-V3_TABLE = [("pre-training", 2664e3), ("context extension", 119e3), ("post-training", 5e3)]
 SECTIONS = ["Environment", "Model", "Tokens", "Cost", "Pretraining", "Reasoning task", "Definitions",
             "Expert load", "MTP", "KV cache", "Sample conversations", "Reproduce"]
 
@@ -100,6 +98,7 @@ class Run:
         self.ledgers = {s: read_json(out / s / "cost.json") for s in ("pretrain", "sft", "rl")}
         self.evals = {s: read_json(out / f"eval-{s}.json") for s in ("sft", "rl")}
         self.probes = read_json(out / "probes.json")
+        self.ledger = next((v for v in self.ledgers.values() if v), {})  # the price and peak of this machine
         self.cfg = ModelConfig.from_hf(json.loads((checkpoint_of(out / "rl") / "config.json").read_text()))
 
     def seconds(self, stage: str) -> float:
@@ -180,18 +179,15 @@ def tokens_section(run: Run) -> str:
 def stage_costs(run: Run, preset: dict) -> list[dict]:
     """Per stage: wall seconds (the whole stage, start-up and evaluations included), FLOPs, device-hours,
     MFU over the wall time, dollars."""
-    ledger = next((v for v in run.ledgers.values() if v), None)
-    price = ledger["price_per_device_hour"] if ledger else 0.0
-    peak = ledger["peak_tflops"] if ledger else PEAK_TFLOPS.get(preset["device"], 0.0)
-    flops = {"pretrain": run.ledgers["pretrain"], "sft": run.ledgers["sft"], "rl": run.ledgers["rl"],
-             "eval sft": run.evals["sft"], "eval rl": run.evals["rl"]}
+    price = run.ledger.get("price_per_device_hour", 0.0)
+    peak = run.ledger.get("peak_tflops", 0.0)
+    counted = {**run.ledgers, "eval sft": run.evals["sft"], "eval rl": run.evals["rl"], "probes": run.probes}
     rows = []
     for stage in run.timings:
         devices = preset["devices"] if stage in ("pretrain", "sft") else 1
         ledger_seconds = (run.ledgers.get(stage) or {}).get("wall_seconds", 0.0)
         seconds = max(run.seconds(stage), ledger_seconds)  # a resumed stage's ledger holds its earlier steps too
-        f = (flops.get(stage) or {}).get("flops", 0.0) if stage != "probes" else \
-            (run.probes or {}).get("flops", 0.0)
+        f = (counted.get(stage) or {}).get("flops", 0.0)
         # a rented multi-GPU machine is paid for by the hour whatever runs: every stage costs all its devices
         hours = seconds * preset["devices"] / 3600
         rows.append({"stage": stage, "seconds": seconds, "flops": f, "device_hours": hours,
@@ -201,9 +197,8 @@ def stage_costs(run: Run, preset: dict) -> list[dict]:
 
 def cost_section(run: Run, preset: dict, plots: Path) -> str:
     rows = stage_costs(run, preset)
-    ledger = next((v for v in run.ledgers.values() if v), {})
     total = {k: sum(r[k] for r in rows) for k in ("seconds", "flops", "device_hours", "dollars")}
-    peak = ledger.get("peak_tflops", 0.0)
+    peak = run.ledger.get("peak_tflops", 0.0)
     total["mfu"] = total["flops"] / max(total["seconds"] * peak * 1e12, 1e-9)
     device = "GPU" if preset["device"] != "cpu" else "CPU"
     table = md_table(["stage", "wall time", f"{device}-hours", "FLOPs", "MFU", "cost"],
@@ -218,10 +213,10 @@ def cost_section(run: Run, preset: dict, plots: Path) -> str:
     v3_per_hour = v3_flops / DEEPSEEK_V3["pretrain_gpu_hours"]
     v3_mfu = v3_per_hour / 3600 / (PEAK_TFLOPS["H800"] * 1e12)
     scaled = total["flops"] / v3_per_hour
-    published = md_table(["DeepSeek-V3 (report, Table 1)", "H800 GPU-hours", "cost at $2/GPU-hour"],
-                         [[s, f"{h / 1e3:,.0f}K", f"${h * 2 / 1e6:.3f}M"] for s, h in V3_TABLE]
-                         + [["total", f"{sum(h for _, h in V3_TABLE) / 1e3:,.0f}K",
-                             f"${sum(h for _, h in V3_TABLE) * 2 / 1e6:.3f}M"]])
+    price = DEEPSEEK_V3["price"]
+    published = md_table(["DeepSeek-V3 (report, Table 1)", "H800 GPU-hours", f"cost at ${price:g}/GPU-hour"],
+                         [[s, f"{h / 1e3:,.0f}K", f"${h * price / 1e6:.3f}M"]
+                          for s, h in [*DEEPSEEK_V3_GPU_HOURS.items(), ("total", sum(DEEPSEEK_V3_GPU_HOURS.values()))]])
     compare = md_table(["", "FLOPs", "device-hours", "cost"],
                        [["this run", si(total["flops"]), f"{total['device_hours']:.4f} {device}",
                          money(total["dollars"])],
@@ -237,7 +232,7 @@ def cost_section(run: Run, preset: dict, plots: Path) -> str:
             f"included; for a training stage resumed after an interruption, at least its ledger's step time); "
             f"MFU is its FLOPs over wall time x devices x peak, the peak being "
             f"{peak:.3g} TFLOP/s per device ({source}). "
-            f"Dollars at ${ledger.get('price_per_device_hour', 0):g} per {device}-hour. FLOPs are counted from the "
+            f"Dollars at ${run.ledger.get('price_per_device_hour', 0):g} per {device}-hour. FLOPs are counted from the "
             "model's shape: 6 per active weight per trained token plus attention, a third of that per token "
             "generated or evaluated; tokenizing and writing data are not model FLOPs.\n\n"
             f"![time per stage](plots/cost.png)\n\nBeside DeepSeek-V3's published cost: its pre-training, counted "

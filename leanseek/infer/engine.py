@@ -143,6 +143,11 @@ class Engine:
                 "reduction": 1 - values["mla"] / values["mha"]}
 
     @property
+    def processed_tokens(self) -> int:
+        """Tokens through the model so far: prompt tokens prefilled and tokens generated."""
+        return self.stats["prompt_tokens"] + self.stats["generated_tokens"]
+
+    @property
     def acceptance_rate(self) -> float | None:
         """The fraction of MTP drafts the main model accepted so far (None before any)."""
         return self.stats["accepted"] / self.stats["drafted"] if self.stats["drafted"] else None

@@ -26,7 +26,7 @@ from ..model.hf import load_hf
 from ..tasks import get_task
 from ..train.checkpoint import (checkpoint_of, full_optimizer_state, latest_checkpoint, restore, rng_state,
                                 save_checkpoint)
-from ..train.cost import Ledger, detect_peak_tflops
+from ..train.cost import Ledger, detect_peak_tflops, forward_flops
 from ..train.loop import append_metrics, truncate_metrics, write_json
 from .grpo import LOSS_TYPES, SCALES, advantages, grpo_loss, kl_k3
 
@@ -163,10 +163,10 @@ def run(args) -> dict:
     for step in bar:
         t0 = time.perf_counter()
         problems = random.Random(args.seed * 1_000_003 + step).sample(pool, args.prompts)
-        before = engine.stats["prompt_tokens"] + engine.stats["generated_tokens"]
+        before = engine.processed_tokens
         with torch.no_grad():
             batch = sample_batch(engine, tokenizer, task, problems, args, step)
-        sampled = engine.stats["prompt_tokens"] + engine.stats["generated_tokens"] - before
+        sampled = engine.processed_tokens - before
         t_sample = time.perf_counter() - t0
         model.train()
         line = {"step": step + 1, **batch.stats}
@@ -195,9 +195,9 @@ def run(args) -> dict:
 def rl_flops(cfg, ids: torch.Tensor, sampled: int, mu: int, reference: bool) -> float:
     """A step's FLOPs: sampling (a forward per token through the engine), the old (and reference) policy's
     forward over the batch, and mu forward-backward passes."""
-    train = cfg.flops_per_token(ids.shape[1], include_mtp=False)  # forward + backward = 3 forwards
-    forwards = sampled + ids.numel() * (1 + reference)
-    return train / 3 * forwards + train * ids.numel() * mu
+    T = ids.shape[1]
+    return (forward_flops(cfg, T, sampled + ids.numel() * (1 + reference))
+            + cfg.flops_per_token(T, include_mtp=False) * ids.numel() * mu)
 
 
 def _update(model, reference, optimizer, params, batch: Batch, args) -> dict:

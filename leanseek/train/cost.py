@@ -13,9 +13,11 @@ import torch
 
 from ..model.config import ModelConfig
 
+# DeepSeek-V3 report, Table 1: H800 GPU-hours per training stage (pre-training on 14.8T tokens), $2 per GPU-hour
+DEEPSEEK_V3_GPU_HOURS = {"pre-training": 2664e3, "context extension": 119e3, "post-training": 5e3}
 # dense bf16 peaks, TFLOP/s per device (vendor datasheets; the H800 is an H100 with slower interconnect)
 PEAK_TFLOPS = {"H800": 989.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
-DEEPSEEK_V3 = {"tokens": 14.8e12, "pretrain_gpu_hours": 2.664e6, "total_gpu_hours": 2.788e6, "price": 2.0}
+DEEPSEEK_V3 = {"tokens": 14.8e12, "pretrain_gpu_hours": DEEPSEEK_V3_GPU_HOURS["pre-training"], "price": 2.0}
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,11 @@ class CostEstimate:
         flops = cfg.flops_per_token(seq_len) * tokens
         hours = flops / (peak_tflops * 1e12 * mfu) / 3600
         return cls(flops, hours, hours * price)
+
+
+def forward_flops(cfg: ModelConfig, seq_len: int, tokens: int) -> float:
+    """FLOPs of `tokens` tokens through the model forward only (generation, evaluation): a third of training's."""
+    return cfg.flops_per_token(seq_len, include_mtp=False) / 3 * tokens
 
 
 def detect_peak_tflops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
