@@ -7,7 +7,7 @@ from conftest import randomise, small_config
 
 import leanseek
 from leanseek.model import moe as moe_module
-from leanseek.model.moe import MoE, Router
+from leanseek.model.moe import MoE, Router, Routing
 
 
 def test_correction_bias_changes_choice_not_weights():
@@ -74,6 +74,43 @@ def test_moe_matches_token_by_token_definition(tokens, dispatch_macs, path, monk
                 gate, up = (moe.experts.gate_up_proj[e] @ flat[t]).split(Ie)
                 want[t] += g * (moe.experts.down_proj[e] @ (F.silu(gate) * up))
     assert torch.allclose(y.reshape(-1, cfg.hidden_size), want, atol=1e-6)
+
+
+def _traced_whole(experts, path: str, scores: torch.Tensor):
+    """experts.run along `path` under torch.compile(fullgraph=True), which refuses to trace a host sync (.tolist(),
+    .item()) or a shape that depends on the data instead of splitting the graph."""
+    torch._dynamo.reset()  # a fresh trace per case: past the recompile limit dynamo would run eagerly
+    return torch.compile(lambda x, w, i: experts.run(x, Routing(w, i, scores), path), fullgraph=True,
+                         backend="eager")
+
+
+@pytest.mark.parametrize("skewed", [False, True])
+@pytest.mark.parametrize("tokens, path", [(4, "gathered"), (128, "dense"), (129, "padded"), (700, "padded")])
+def test_accelerator_paths_have_no_host_sync(tokens, path, skewed):
+    """Off the CPU, inference (decoding, batched prefill) never takes the grouped path, whose token counts go to
+    the host once per MoE layer: the path chosen for a CUDA device traces whole and gives the grouped result."""
+    cfg = small_config()
+    moe: MoE = randomise(leanseek.Transformer(cfg), 4).layers[1].mlp
+    assert moe.experts.inference_path(tokens, "cuda") == path
+    assert moe.experts.inference_path(tokens, "cpu") == moe.experts.inference_path(tokens)  # the weights' device
+    x = torch.randn(tokens, cfg.hidden_size)
+    with torch.no_grad():
+        routing = moe.gate(x)
+        if skewed:  # every token on experts 3 and 5: six experts idle, two with every pair
+            routing = Routing(routing.weights, torch.tensor([[3, 5]]).expand(tokens, 2).contiguous(), routing.scores)
+        got = _traced_whole(moe.experts, path, routing.scores)(x, routing.weights, routing.indices)
+        assert torch.allclose(got, moe.experts.run(x, routing, "grouped"), atol=1e-6)
+
+
+def test_grouped_path_syncs():
+    """The check above can fail: the grouped path reads its token counts on the host."""
+    cfg = small_config()
+    moe: MoE = randomise(leanseek.Transformer(cfg), 4).layers[1].mlp
+    x = torch.randn(50, cfg.hidden_size)
+    with torch.no_grad():
+        routing = moe.gate(x)
+        with pytest.raises(RuntimeError):
+            _traced_whole(moe.experts, "grouped", routing.scores)(x, routing.weights, routing.indices)
 
 
 def test_expert_gradients_and_idle_experts():

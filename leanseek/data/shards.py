@@ -9,8 +9,11 @@ DATA_DIR/
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import json
+import operator
 import os
 import zlib
 from pathlib import Path
@@ -104,20 +107,89 @@ def write_shards(docs: list[str], tokenizer: TextTokenizer, out: str | os.PathLi
     return manifest
 
 
-def load_split(data_dir: str | os.PathLike, split: str, verify: bool = False) -> tuple[np.ndarray, dict]:
-    """The tokens of one split as one memory-mapped array (concatenated shards are read lazily), and its
-    manifest entry. verify: check each file's sha256 first."""
+class ShardedTokens:
+    """The tokens of one split as a single read-only sequence over its memory-mapped shard files.
+
+    Nothing is concatenated: indexing finds the shard(s) holding the requested range and reads only that, so a
+    corpus larger than RAM trains from the page cache. Supports len(), `dtype`, `shape`, integer indexing (a numpy
+    scalar) and slicing (a numpy array: a view of the memmap when the range lies in one shard, a copy of just that
+    range when it crosses shard boundaries). `np.asarray(view)` reads the whole split into memory: for small splits.
+    """
+
+    def __init__(self, shards: list[np.ndarray], dtype: np.dtype | str):
+        self.shards = shards
+        self.dtype = np.dtype(dtype)
+        # shard k holds the tokens [starts[k], starts[k + 1]) of the split
+        self._starts = list(itertools.accumulate((len(s) for s in shards), initial=0))
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (len(self),)
+
+    def __repr__(self) -> str:
+        return f"ShardedTokens({len(self)} tokens, {self.dtype.name}, {len(self.shards)} shards)"
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                return self._gather(np.arange(start, stop, step))
+            return self._range(start, max(start, stop))
+        i = operator.index(key)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} is out of range for a split of {len(self)} tokens")
+        i %= len(self)
+        k = bisect.bisect_right(self._starts, i) - 1
+        return self.shards[k][i - self._starts[k]]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.array(self[:], dtype=dtype, copy=copy)
+
+    def _range(self, start: int, stop: int) -> np.ndarray:
+        pieces = []
+        k = bisect.bisect_right(self._starts, start) - 1  # the last shard starting at or before `start`
+        while start < stop:
+            end = min(stop, self._starts[k + 1])
+            pieces.append(self.shards[k][start - self._starts[k]:end - self._starts[k]])
+            start, k = end, k + 1
+        if len(pieces) == 1:
+            return pieces[0]
+        return np.concatenate(pieces) if pieces else np.empty(0, self.dtype)
+
+    def _gather(self, indices: np.ndarray) -> np.ndarray:
+        out = np.empty(len(indices), self.dtype)
+        shard = np.searchsorted(self._starts, indices, side="right") - 1
+        for k in np.unique(shard):
+            here = shard == k
+            out[here] = self.shards[k][indices[here] - self._starts[k]]
+        return out
+
+
+def load_split(data_dir: str | os.PathLike, split: str, verify: bool = False) -> tuple[ShardedTokens, dict]:
+    """The tokens of one split as a lazy view over its memory-mapped shards (nothing is read into RAM until a
+    window is), and its manifest entry. verify: check each file's sha256 first."""
     data_dir = Path(data_dir)
     manifest_path = data_dir / "manifest.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path} not found: make the data with `leanseek data --out {data_dir}`")
     manifest = json.loads(manifest_path.read_text())
+    if split not in manifest["splits"]:
+        raise ValueError(f"{manifest_path} has no split {split!r} (splits: {', '.join(manifest['splits'])})")
     info = manifest["splits"][split]
-    arrays = []
+    shards = []
     for entry in info["files"]:
         path = data_dir / entry["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: listed in {manifest_path} but missing; remake the data with "
+                                    "`leanseek data`")
         if verify and _sha256(path) != entry["sha256"]:
             raise ValueError(f"{path}: checksum does not match {manifest_path}")
-        arrays.append(np.memmap(path, dtype=manifest["dtype"], mode="r"))
-    tokens = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-    return tokens, info
+        size, expected = path.stat().st_size, entry["tokens"] * np.dtype(manifest["dtype"]).itemsize
+        if size != expected:  # a cheap check without verify: a truncated shard would silently shorten the split
+            raise ValueError(f"{path}: {size} bytes, but {manifest_path} lists {entry['tokens']} tokens "
+                             f"({expected} bytes); remake the data with `leanseek data`")
+        shards.append(np.memmap(path, dtype=manifest["dtype"], mode="r"))
+    return ShardedTokens(shards, manifest["dtype"]), info

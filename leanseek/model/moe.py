@@ -29,6 +29,12 @@ class Routing:
 # about 200 tokens for the tiny preset, 12 for small)
 DISPATCH_MACS = 3_000_000
 
+# Off the CPU (not measured yet): the dense path does n multiply-adds per expert weight it reads, and once n*K > E
+# every path reads all experts' weights; up to this many tokens its extra work should hide behind those reads
+# (H100/H200: ~200-300 bf16 flops per byte) and its [n, E, 2 Ie] activations stay a fraction of the weights.
+# Past it, the padded path's bounded padding costs less than E/K times the work.
+ACCELERATOR_DENSE_TOKENS = 128
+
 
 class Router(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -41,9 +47,16 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", bias)
 
     def forward(self, x: torch.Tensor) -> Routing:
-        """x [N, d] -> Routing. Logits in float32, as DeepSeek and transformers compute them."""
+        """x [N, d] -> Routing, in float32 throughout (logits, affinities, bias, gates), as DeepSeek and transformers
+        compute them. Autocast is off here: it would run the logits' matmul in bf16, whose ~4e-3 steps on the
+        affinities are coarser than the bias's 1e-3 updates (the V3 report, section 3.3, keeps gating in full
+        precision)."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self._route(x.float())
+
+    def _route(self, x: torch.Tensor) -> Routing:
         cfg = self.cfg
-        logits = F.linear(x.float(), self.weight.float())
+        logits = F.linear(x, self.weight.float())
         N, E, G = logits.shape[0], cfg.n_routed_experts, cfg.n_group
         if cfg.scoring_func == "sigmoid":
             scores = logits.sigmoid()  # Eq. 15
@@ -63,6 +76,15 @@ class Router(nn.Module):
         if cfg.norm_topk_prob and (cfg.scoring_func == "sigmoid" or cfg.num_experts_per_tok > 1):
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)  # Eq. 13
         return Routing(weights * cfg.routed_scaling_factor, indices, scores)
+
+    def _apply(self, fn, recurse=True):
+        """Module.to(dtype) casts every floating buffer; the correction bias keeps its float32 value instead (its
+        1e-3 steps would be lost in bf16), moved to wherever the weight went."""
+        bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        if bias is not None and self.e_score_correction_bias.dtype != torch.float32:
+            self.e_score_correction_bias = bias.to(self.e_score_correction_bias.device)
+        return self
 
     def _mask_groups(self, choice: torch.Tensor, group_scores: torch.Tensor, fill: float) -> torch.Tensor:
         N, G = group_scores.shape
@@ -138,8 +160,15 @@ def _expert_rows(counts: list[int]):
 class Experts(nn.Module):
     """All routed experts' SwiGLU weights, stacked: gate_up_proj [E, 2 Ie, d] (gate rows first), down_proj [E, d, Ie].
 
-    Tokens are sorted by expert and each expert runs one matmul over its own tokens; experts with no tokens do no
-    work. (Checkpoints store one tensor set per expert; leanseek.model.hf converts.)
+    Four ways to run them, with the same result (checkpoints store one tensor set per expert; leanseek.model.hf
+    converts):
+    - "grouped": tokens sorted by expert, one pair of matmuls per expert that has tokens: no wasted work, and the
+      path training takes (its backward is hand-written), but the host reads the token counts (a device sync)
+      and the shapes depend on the routing;
+    - "gathered": each (token, choice) pair's expert weights gathered, one batched matrix-vector product;
+    - "dense": every expert on every token, the unchosen ones weighted 0 (E/K times the multiply-adds);
+    - "padded": sorted by expert as "grouped", each expert's rows padded to whole blocks, one batched matmul.
+    The last three have shapes fixed by the token count alone: no host sync, and torch.compile takes them whole.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -149,63 +178,89 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * Ie, d))
         self.down_proj = nn.Parameter(torch.empty(E, d, Ie))
 
-    def inference_path(self, n: int) -> str:
-        """How forward runs n tokens without gradients: "gathered" (each (token, choice) pair's weights gathered),
-        "dense" (every expert on every token, the unchosen ones weighted 0) or "grouped" (tokens sorted by
-        expert, one pair of matmuls per busy expert). The first two have no data-dependent shapes, so
-        torch.compile takes them whole."""
+    def inference_path(self, n: int, device_type: str | None = None) -> str:
+        """The path forward takes for n tokens without gradients on a device of this type (default: where the
+        weights are). Only "grouped" has data-dependent shapes, and it is never chosen off the CPU."""
         E, d, Ie = self.down_proj.shape
-        if n * self.top_k <= E:
+        if n * self.top_k <= E:  # the gathered weights are at most all experts' once
             return "gathered"
-        if n * (E - self.top_k) * 3 * Ie * d <= E * DISPATCH_MACS:
-            return "dense"
-        return "grouped"
+        if (device_type or self.down_proj.device.type) == "cpu":
+            return "dense" if n * (E - self.top_k) * 3 * Ie * d <= E * DISPATCH_MACS else "grouped"
+        return "dense" if n <= ACCELERATOR_DENSE_TOKENS else "padded"
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """x [N, d] -> sum_k g_k Expert_{i_k}(x): [N, d]."""
-        N, K = routing.indices.shape
-        if not torch.is_grad_enabled():
-            path = self.inference_path(N)
-            if path != "grouped":
-                return (self._gathered if path == "gathered" else self._dense)(x, routing)
+        """x [N, d] -> sum_k g_k Expert_{i_k}(x): [N, d]. Training takes the grouped path; inference the one
+        inference_path picks for x's device."""
+        path = "grouped" if torch.is_grad_enabled() else self.inference_path(x.shape[0], x.device.type)
+        return self.run(x, routing, path)
+
+    def run(self, x: torch.Tensor, routing: Routing, path: str) -> torch.Tensor:
+        """forward along the given path (see the class docstring)."""
+        run = {"grouped": self._grouped, "gathered": self._gathered, "dense": self._dense,
+               "padded": self._padded}[path]
+        # matmuls in autocast's dtype when it is on, else in the inputs' promoted dtype; autocast is then turned
+        # off so that each path (and _GroupedSwiGLU's backward) works in that one dtype
+        device = x.device.type
+        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                 else torch.promote_types(x.dtype, self.gate_up_proj.dtype))
+        with torch.autocast(device, enabled=False):
+            return run(x.to(dtype), routing).to(x.dtype)
+
+    def _grouped(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        K = routing.indices.shape[1]
         flat = routing.indices.flatten()
         order = flat.argsort(stable=True)
-        counts = flat.bincount(minlength=self.gate_up_proj.shape[0]).tolist()
+        counts = flat.bincount(minlength=self.gate_up_proj.shape[0]).tolist()  # the host sync
         # the token behind each (token, slot) pair, grouped by expert, and its gating weight
         token, weights = order // K, routing.weights.flatten()[order]
-        dtype = torch.promote_types(x.dtype, self.gate_up_proj.dtype)  # autocast is off inside the function
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-        with torch.autocast(x.device.type, enabled=False):
-            out = _GroupedSwiGLU.apply(x.to(dtype), self.gate_up_proj.to(dtype), self.down_proj.to(dtype),
-                                       weights.to(dtype), token, counts)
-        return out.to(x.dtype)
-
+        return _GroupedSwiGLU.apply(x, self.gate_up_proj.to(x.dtype), self.down_proj.to(x.dtype),
+                                    weights.to(x.dtype), token, counts)
 
     def _gathered(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Decoding a few tokens: gather each (token, choice)'s expert weights and run all of them as one batched
-        matrix-vector product, a handful of operator calls instead of a pair of matmuls per expert (the gathered
-        weights are at most all experts' once, as N*K <= E)."""
+        """Decoding a few tokens: a handful of operator calls instead of a pair of matmuls per expert."""
         N, K = routing.indices.shape
         Ie = self.down_proj.shape[-1]
         flat = routing.indices.flatten()
-        xs = x.to(self.gate_up_proj.dtype).view(N, 1, -1, 1)
-        h = torch.matmul(self.gate_up_proj.index_select(0, flat).view(N, K, 2 * Ie, -1), xs).view(N * K, 2 * Ie)
-        act = F.silu(h[:, :Ie]).mul_(h[:, Ie:]).mul_(routing.weights.view(-1, 1).to(h.dtype))
-        out = torch.matmul(self.down_proj.index_select(0, flat), act.unsqueeze(-1)).view(N, K, -1).sum(1)
-        return out.to(x.dtype)
-
+        w_gate_up = self.gate_up_proj.index_select(0, flat).to(x.dtype).view(N, K, 2 * Ie, -1)
+        h = torch.matmul(w_gate_up, x.view(N, 1, -1, 1)).view(N * K, 2 * Ie)
+        act = F.silu(h[:, :Ie]).mul_(h[:, Ie:]).mul_(routing.weights.view(-1, 1).to(x.dtype))
+        w_down = self.down_proj.index_select(0, flat).to(x.dtype)
+        return torch.matmul(w_down, act.unsqueeze(-1)).view(N, K, -1).sum(1)
 
     def _dense(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Every expert on every token, weighted by a dense [N, E] gate matrix (zero where not chosen): E/K times
-        the multiply-adds, in four operator calls."""
+        """A dense [N, E] gate matrix (zero where not chosen) weights every expert's output: four operator calls."""
         N = x.shape[0]
         E, d, Ie = self.down_proj.shape
-        w = self.gate_up_proj
-        gates = x.new_zeros(N, E, dtype=w.dtype).scatter_(1, routing.indices, routing.weights.to(w.dtype))
-        h = (x.to(w.dtype) @ w.view(E * 2 * Ie, d).t()).view(N, E, 2 * Ie)
+        gates = x.new_zeros(N, E).scatter_(1, routing.indices, routing.weights.to(x.dtype))
+        h = (x @ self.gate_up_proj.to(x.dtype).view(E * 2 * Ie, d).t()).view(N, E, 2 * Ie)
         act = F.silu(h[..., :Ie]).mul_(h[..., Ie:]).mul_(gates[..., None])  # [N, E, Ie]
-        return torch.bmm(act.transpose(0, 1), self.down_proj.transpose(1, 2)).sum(0).to(x.dtype)
+        return torch.bmm(act.transpose(0, 1), self.down_proj.to(x.dtype).transpose(1, 2)).sum(0)
+
+    def _padded(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Each expert's (token, choice) pairs in consecutive rows, padded with zero rows to a multiple of a block
+        size set by N alone; every block belongs to one expert, whose weights it gathers. Blocks as large as the
+        mean pairs per expert (rounded up to a power of two) keep both the blocks (at most about 2E: twice the
+        layer's expert weights gathered) and the rows (at most about 3NK) bounded for any N."""
+        N, K = routing.indices.shape
+        E, d, Ie = self.down_proj.shape
+        block = 1 << (-(-N * K // E) - 1).bit_length()
+        n_blocks = -(-(N * K + E * (block - 1)) // block)
+        flat = routing.indices.flatten()
+        counts = torch.zeros(E, dtype=flat.dtype, device=x.device).index_add_(0, flat, torch.ones_like(flat))
+        padded = (counts + block - 1) // block * block
+        ends = padded.cumsum(0)
+        # a pair's row: its expert's first row plus its rank among that expert's pairs (its place in the
+        # expert-sorted order less the pairs of lower experts)
+        place = torch.empty_like(flat).scatter_(0, flat.argsort(stable=True), torch.arange(N * K, device=x.device))
+        row = (ends - padded)[flat] + place - (counts.cumsum(0) - counts)[flat]
+        rows = x.new_zeros(n_blocks * block, d).index_copy_(0, row, x.repeat_interleave(K, dim=0))
+        # blocks past the last expert's rows hold only zeros; any expert will do for them
+        expert = torch.searchsorted(ends, torch.arange(n_blocks, device=x.device) * block, right=True)
+        expert = expert.clamp_max_(E - 1)
+        h = torch.bmm(rows.view(n_blocks, block, d), self.gate_up_proj.index_select(0, expert).to(x.dtype).mT)
+        act = F.silu(h[..., :Ie]).mul_(h[..., Ie:])
+        y = torch.bmm(act, self.down_proj.index_select(0, expert).to(x.dtype).mT).view(-1, d)
+        return (y.index_select(0, row).view(N, K, d) * routing.weights.to(x.dtype)[..., None]).sum(1)
 
 
 class MoE(nn.Module):

@@ -4,7 +4,9 @@ The token stream is cut into windows of seq_len + 1 tokens; each epoch visits th
 (seed, epoch). The global batch of step s is the next `batch_size` windows of that sequence; rank r of W takes
 its contiguous share, and gradient-accumulation micro-steps split that share again, so a step trains on the same
 sequences whatever the number of devices. An optional mask (one flag per token) marks the tokens to learn; the
-others are not targets (SFT learns only the assistant's tokens).
+others are not targets (SFT learns only the assistant's tokens). The token stream may be a plain array or a split's
+lazy view over its shard files (`ShardedTokens`): windows are read one by one, so only the sampled windows are
+ever in memory, and a window may start in one shard and end in the next.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..data.shards import ShardedTokens
 from .losses import IGNORE_INDEX
+
+Tokens = np.ndarray | ShardedTokens
 
 
 class WindowSampler:
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, mask: np.ndarray | None = None):
+    def __init__(self, tokens: Tokens, seq_len: int, batch_size: int, seed: int, mask: np.ndarray | None = None):
         self.tokens, self.seq_len, self.batch_size, self.seed, self.mask = tokens, seq_len, batch_size, seed, mask
         self.windows = (len(tokens) - 1) // seq_len
         if self.windows < batch_size:
@@ -47,7 +52,7 @@ class WindowSampler:
         return _windows(self.tokens, self.mask, windows, self.seq_len)
 
 
-def _windows(tokens: np.ndarray, mask: np.ndarray | None, windows, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _windows(tokens: Tokens, mask: np.ndarray | None, windows, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets) of the given windows; targets the mask leaves out are IGNORE_INDEX."""
     spans = [slice(w * seq_len, w * seq_len + seq_len + 1) for w in windows]
     rows = torch.from_numpy(np.stack([tokens[s] for s in spans]).astype(np.int64))
@@ -58,7 +63,7 @@ def _windows(tokens: np.ndarray, mask: np.ndarray | None, windows, seq_len: int)
     return rows[:, :-1], targets
 
 
-def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int,
+def eval_windows(tokens: Tokens, seq_len: int, max_tokens: int,
                  mask: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The first validation windows (a fixed set, so evaluations compare), up to max_tokens targets."""
     available = (len(tokens) - 1) // seq_len
