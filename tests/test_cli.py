@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from leanseek import ModelConfig
 from leanseek.cli import main
@@ -26,3 +27,32 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
         main(["check", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "config.json not found" in capsys.readouterr().err
+
+
+def test_every_subcommand_lives_in_one_module(capsys):
+    """cli.py only registers: each subcommand's module defines add_arguments and run, its --help reads as
+    `leanseek NAME`, and every subcommand that runs a model takes --device."""
+    import importlib
+
+    from leanseek.cli import COMMANDS
+
+    runs_a_model = {"check", "chat", "serve", "eval", "distill", "pretrain", "sft", "rl"}
+    for name, (module, _, _) in COMMANDS.items():
+        m = importlib.import_module(module)
+        assert callable(m.add_arguments) and callable(m.run), module
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: leanseek {name} ")
+        assert ("--device auto|cpu|cuda[:N]" in out) == (name in runs_a_model), name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a GPU that is not there")
+def test_a_missing_gpu_is_a_clear_error(tmp_path, capsys):
+    for argv in (["check", str(tmp_path)], ["eval", str(tmp_path), "--task", "sums"], ["serve", str(tmp_path)],
+                 ["chat", str(tmp_path)]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--device", "cuda"])
+        assert exit_info.value.code == 2
+        assert f"leanseek {argv[0]}: error: --device 'cuda': no CUDA GPU is available" in capsys.readouterr().err

@@ -223,3 +223,50 @@ def test_compiled_decoding_equals_eager(model):
         assert compiled.generate(PROMPTS[:3], max_new_tokens=6, **kw) == eager.generate(PROMPTS[:3],
                                                                                          max_new_tokens=6, **kw)
     assert compiled.stats == eager.stats
+
+
+def test_batched_prefill_of_ragged_prompts(model, monkeypatch):
+    """A GRPO-like submission (each prompt several times, prompts of different lengths, one longer than a
+    prefill chunk): the admitted prompts are prefilled in a few batched forwards, greedy outputs equal the full
+    forward's argmax, speculative drafts are still the MTP head's, and seeded samples are the ones a one-slot
+    engine (each prompt prefilled alone) draws."""
+    distinct = PROMPTS + [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4]]
+    prompts = [p for p in distinct for _ in range(3)]
+    engine = Engine(model, max_batch=len(prompts), max_len=64, prefill_chunk=64)
+    forwards = []
+    step = model.step
+    monkeypatch.setattr(model, "step", lambda ids, at: forwards.append(ids.shape) or step(ids, at))
+    ids = [engine.submit(p, max_new_tokens=6) for p in prompts]
+    first = engine.step()
+    # 15 prefills in three forwards of at most 64 tokens: lengths 2, 3 and 7 (three of each) padded to 7, then
+    # 12s and 20s; then one decode step for all
+    assert forwards == [(9, 7), (3, 12), (3, 20), (len(prompts), 1)]
+    assert sorted(o.request for o in first) == sorted(ids * 2)  # each request's first token, then its second
+    monkeypatch.undo()
+    got = {i: [] for i in ids}
+    while first:
+        for o in first:
+            got[o.request] += o.tokens
+        first = engine.step()
+    ref = {tuple(p): reference_greedy(model, p, 6) for p in distinct}
+    assert [got[i] for i in ids] == [ref[tuple(p)] for p in prompts]
+    chunked = Engine(model, max_batch=len(prompts), max_len=64, prefill_chunk=8)  # the longest in 3 chunks
+    assert chunked.generate(prompts, max_new_tokens=6) == [ref[tuple(p)] for p in prompts]
+    assert chunked.stats["prompt_tokens"] == sum(map(len, prompts))
+
+    seen = []
+    outs = drive(Engine(model, max_batch=len(prompts), max_len=64), prompts,
+                 lambda r: seen.append((tuple(r.prompt), len(r.output), r.draft)), max_new_tokens=6, speculative=True)
+    assert outs == [ref[tuple(p)] for p in prompts]
+    with torch.no_grad():  # the MTP head's choice at every position of each prompt and its output
+        mtp = {p: model.lm_head(model.forward_train(torch.tensor([list(p) + out])).mtp_hidden[0][0]).argmax(-1)
+               for p, out in ref.items()}
+    for prompt, n, draft in seen:
+        if draft is not None:
+            assert draft == int(mtp[prompt][len(prompt) + n - 2])
+    assert len([d for d in seen if d[2] is not None]) >= len(prompts)
+
+    kw = dict(max_new_tokens=6, temperature=1.0, seed=list(range(len(prompts))))
+    alone = Engine(model, max_batch=1, max_len=64).generate(prompts, **kw)
+    assert Engine(model, max_batch=len(prompts), max_len=64).generate(prompts, **kw) == alone
+    assert len(set(map(tuple, alone))) > len(distinct)  # the samples of one prompt differ

@@ -129,3 +129,64 @@ def test_distill_keeps_only_verified_traces_and_trains_a_smaller_student(base, t
     assert student.hidden_size == 128 and student.vocab_size == teacher.vocab_size
     assert set(result) >= {"teacher", "student", "student/teacher"}
     assert json.loads((tmp_path / "d" / "distill.json").read_text())["traces"] == 5
+
+
+def rl_args(base, out, *extra):
+    import argparse
+
+    from leanseek.rl import trainer
+
+    parser = argparse.ArgumentParser()
+    trainer.add_arguments(parser)
+    return parser.parse_args(["--init", str(base / "base"), "--task", "sums", "--out", str(out), "--prompts", "2",
+                              "--max-new-tokens", "6", "--eval-problems", "2", "--device", "cpu", "--threads", "1",
+                              *extra])
+
+
+def test_rl_refuses_group_1_and_sizes_the_cache_for_the_whole_pool(base, tmp_path, monkeypatch):
+    """--group 1 is refused by name (a lone sample has no group advantage); the engine's context fits the longest
+    prompt anywhere in the pool, here its last problem, made longer than every other."""
+    import dataclasses
+
+    from leanseek.data import TextTokenizer
+    from leanseek.eval.tasks import prompt_ids
+    from leanseek.rl import trainer
+    from leanseek.tasks import get_task
+
+    with pytest.raises(ValueError, match="--group 1: .*--group must be at least 2"):
+        trainer.run(rl_args(base, tmp_path / "g1", "--group", "1"))
+
+    sums = get_task("sums")
+
+    class LongLast:
+        def __getattr__(self, name):
+            return getattr(sums, name)
+
+        def train_set(self, n, seed=0):
+            pool = sums.train_set(n, seed)
+            return pool[:-1] + [dataclasses.replace(pool[-1], prompt=pool[-1].prompt + "+1" * 40)]
+
+    sizes = []
+
+    class Recording(trainer.Engine):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            sizes.append(self.max_len)
+
+    monkeypatch.setattr(trainer, "get_task", lambda name: LongLast())
+    monkeypatch.setattr(trainer, "Engine", Recording)
+    trainer.run(rl_args(base, tmp_path / "rl", "--group", "2", "--pool", "1200", "--steps", "0"))
+    longest = prompt_ids(TextTokenizer.load(base / "base" / "latest"), LongLast().train_set(1200)[-1])
+    assert sizes == [len(longest) + 6]
+
+
+def test_rl_step_under_bf16_autocast(base, tmp_path):
+    """--dtype bfloat16 (the default on GPUs): sampling, the micro-batched update (a budget that splits the
+    batch) and the evaluation run under autocast, and the step's figures are finite."""
+    import math
+
+    from leanseek.rl import trainer
+
+    line = trainer.run(rl_args(base, tmp_path / "rl", "--group", "2", "--pool", "50", "--steps", "1",
+                               "--keep-zero-std", "--dtype", "bfloat16", "--micro-batch-tokens", "32"))
+    assert all(math.isfinite(line[k]) for k in ("loss", "grad_norm", "entropy", "eval_pass@1"))

@@ -1,8 +1,10 @@
-"""leanseek pretrain: exact resume after SIGKILL, DDP equivalence, the bias update, HF-loadable checkpoints."""
+"""leanseek pretrain: exact resume after SIGKILL (whole and sharded checkpoints), DDP and FSDP equivalence, the bias
+update, HF-loadable checkpoints and exports."""
 
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,24 +111,99 @@ def test_checkpoint_is_a_transformers_model(data_dir, tmp_path, quiet):  # noqa:
         assert (theirs(ids).logits - leanseek.load_hf(latest)(ids)).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_match_one_process(mode, data_dir, tmp_path):
+def steady(data_dir, out, steps, *extra):
+    """A schedule that does not depend on --steps, so that a 4-step run resumed to 6 is the 6-step run."""
+    return command(data_dir, out, steps, "--warmup-steps", "2", "--decay-frac", "0", *extra)
+
+
+def torchrun(cmd):
+    """Run a `leanseek` command line on 2 CPU processes (gloo)."""
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         str(29500 + os.getpid() % 1000), "-m", "leanseek", *cmd[3:]], env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def one_process(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "run"
+    run(steady(data_dir, out, 6))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sharded(data_dir, tmp_path_factory):
+    """2-process FSDP runs with fused AdamW: 6 steps straight; 4 steps (sharded checkpoints at 3 and 4) resumed to
+    6; and a copy of the 4-step run, for resuming in one process."""
+    base = tmp_path_factory.mktemp("sharded")
+    fsdp = ("--fsdp", "--optimizer-impl", "fused")
+    torchrun(steady(data_dir, base / "straight", 6, *fsdp))
+    torchrun(steady(data_dir, base / "resumed", 4, *fsdp))
+    shutil.copytree(base / "resumed", base / "one-process", symlinks=True)
+    torchrun(steady(data_dir, base / "resumed", 6, *fsdp))
+    return base
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp-fused", "fsdp-foreach", "fsdp-for-loop"])
+def test_two_processes_match_one_process(mode, data_dir, tmp_path, one_process, request):
     """torchrun on 2 CPU processes (gloo) with the same global batch: the same losses as one process, whether
-    parameters are replicated (DDP) or sharded (FSDP2); the sharded run's checkpoint resumes."""
-    # a schedule that does not depend on --steps, so that a 4-step run resumed to 6 is the 6-step run
-    single = command(data_dir, tmp_path / "one", 6, "--warmup-steps", "2", "--decay-frac", "0")
-    run(single)
-    ddp = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29500 + os.getpid() % 1000), "-m", "leanseek", *single[3:], *(["--fsdp"] if mode == "fsdp" else [])]
-    ddp[ddp.index(str(tmp_path / "one"))] = str(tmp_path / "two")
-    ddp[ddp.index("6")] = "4"
-    run(ddp, env={**os.environ, "OMP_NUM_THREADS": "1"})  # 4 steps, a checkpoint at 3 ...
-    ddp[ddp.index("4")] = "6"
-    run(ddp, env={**os.environ, "OMP_NUM_THREADS": "1"})  # ... then resumed from step 4 to 6
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    parameters are replicated (DDP) or sharded (FSDP2), with each of AdamW's implementations on sharded
+    parameters (CUDA's default, foreach, used to fail on them). ddp and fsdp-foreach accumulate gradients over 2
+    micro-batches (synchronising them on the last only)."""
+    if mode == "fsdp-fused":
+        two = request.getfixturevalue("sharded") / "straight"
+    else:
+        two = tmp_path / "two"
+        options = ["--fsdp", "--optimizer-impl", mode[5:]] if mode.startswith("fsdp") else []
+        accumulate = ["--micro-batch-size", "1"] if mode in ("ddp", "fsdp-foreach") else []
+        torchrun(steady(data_dir, two, 6, *options, *accumulate))
+    one, two = losses(one_process), losses(two)
     assert one.keys() == two.keys()
     for step in one:
         assert two[step][0] == pytest.approx(one[step][0], rel=1e-5, abs=1e-5)
+
+
+def test_sharded_checkpoint_resumes_exactly(sharded):
+    """Each rank writes its own shards (nothing gathered on one), and resuming from them reproduces the
+    uninterrupted run bit for bit."""
+    latest = (sharded / "resumed" / "latest").resolve()
+    assert latest.name == "step-000006" and not (latest / "model.safetensors").exists()
+    files = {d: sorted(p.name for p in (latest / d).iterdir()) for d in ("model-shards", "optimizer-shards")}
+    assert all(len(names) == 2 for names in files.values()), files  # one file per rank
+    straight, resumed = losses(sharded / "straight"), losses(sharded / "resumed")
+    assert {s: loss for s, (loss, _) in resumed.items()} == {s: loss for s, (loss, _) in straight.items()}
+    assert [resumed[s][1] for s in (5, 6)] == [straight[s][1] for s in (5, 6)]  # validation losses too
+
+
+def test_sharded_checkpoint_resumes_in_one_process(data_dir, sharded, one_process):
+    """A checkpoint written by 2 processes resumes in 1 (the shards are cut to the new world size)."""
+    run(steady(data_dir, sharded / "one-process", 6))
+    one, resumed = losses(one_process), losses(sharded / "one-process")
+    assert resumed.keys() == one.keys()
+    for step in one:
+        assert resumed[step][0] == pytest.approx(one[step][0], rel=1e-5, abs=1e-5)
+
+
+def test_sharding_divides_the_training_state(sharded, one_process):
+    """Parameters + gradients + optimizer state held per process, measured from the tensors after a step: with 2
+    FSDP processes, about half of one process's."""
+    def state_bytes(run_dir):
+        return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["state_bytes_per_device"]
+
+    assert state_bytes(sharded / "straight") <= 0.6 * state_bytes(one_process)
+
+
+def test_sharded_run_exports_a_transformers_model(sharded, tmp_path, quiet):  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    import leanseek
+    from leanseek.cli import main
+
+    main(["export", str(sharded / "straight"), "--out", str(tmp_path / "hf")])
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager", dtype=torch.float32)
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # load_hf reads the shards whole in this one process, with no process group
+        ours = leanseek.load_hf(sharded / "straight" / "latest")(ids)
+        assert (theirs(ids).logits - ours).abs().max() < 1e-4
+        assert torch.equal(leanseek.load_hf(tmp_path / "hf")(ids), ours)
 
 
 def test_bias_update_lowers_maxvio(data_dir, tmp_path):

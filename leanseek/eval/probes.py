@@ -15,7 +15,8 @@ from ..data import load_split
 from ..data.chat import encode_chat, read_chats
 from ..data.instructions import definitions
 from ..data.tokenizer import END_OF_TURN, TextTokenizer
-from ..infer.engine import Engine, default_device
+from ..device import inference_dtype, pick_device
+from ..infer.engine import Engine
 from ..model.hf import load_hf
 from ..serve.text import TextStream
 from ..tasks import get_task
@@ -113,10 +114,12 @@ def balance(model, tokens, seq_len: int, n_tokens: int) -> dict:
             "maxvio": max_violation(load).tolist(), "tokens": int(x.numel())}
 
 
-def run_probes(out: Path, preset: dict) -> dict:
-    """The probes of the SFT model and the final (GRPO) one, with greedy decoding throughout."""
+def run_probes(out: Path, preset: dict, device: str = "auto") -> dict:
+    """The probes of the SFT model and the final (GRPO) one, with greedy decoding throughout, on `device` (a
+    --device value) in the engine's dtype there."""
     p = preset["probes"]
-    device = default_device()
+    device = pick_device(device)
+    dtype = inference_dtype(device)
     task = get_task(preset["rl"]["task"])
     sft_chats = read_chats(out / "sft.jsonl")
     # MTP acceptance over task problems and SFT questions. SFT trains the MTP module with the model; GRPO
@@ -126,7 +129,7 @@ def run_probes(out: Path, preset: dict) -> dict:
     recall, acceptance, engines = {}, {}, []
     for name in ("sft", "rl"):
         path = checkpoint_of(out / name)
-        tokenizer, model = TextTokenizer.load(path), load_hf(path, device=device)
+        tokenizer, model = TextTokenizer.load(path), load_hf(path, dtype=dtype, device=device)
         engine = Engine(model, tokenizer, max_batch=64, max_len=512)
         recall[name] = definition_recall(engine, tokenizer, sft_chats, p["definitions"], p["max_new_tokens"])
         reply(engine, tokenizer, spec_prompts, p["max_new_tokens"], speculative=True)
@@ -147,8 +150,8 @@ def run_probes(out: Path, preset: dict) -> dict:
 
     val, _ = load_split(out / "data", "val")
     seq_len = preset["pretrain"]["seq_len"]
-    experts = {"pretrain": balance(load_hf(checkpoint_of(out / "pretrain"), device=device), val, seq_len,
-                                   p["balance_tokens"]),
+    experts = {"pretrain": balance(load_hf(checkpoint_of(out / "pretrain"), dtype=dtype, device=device), val,
+                                   seq_len, p["balance_tokens"]),
                "rl": balance(model, val, seq_len, p["balance_tokens"])}
     tokens = sum(e.processed_tokens for e in engines) + sum(e["tokens"] for e in experts.values())
     kv = Engine(model, tokenizer, max_batch=16, max_len=1024).memory_report()  # `leanseek serve`'s defaults

@@ -4,13 +4,25 @@ completion length and the format rate; overall and by difficulty bucket."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
+import torch
+
+from ..atomic import write_text_atomic
+from ..console import table
 from ..data.chat import encode_chat
-from ..data.tokenizer import END_OF_TURN
+from ..data.tokenizer import END_OF_TURN, TextTokenizer
+from ..device import add_device_argument, inference_dtype, pick_device
 from ..infer.engine import Engine
-from ..tasks import Problem, Task, Verdict
+from ..model.hf import load_hf
+from ..tasks import Problem, Task, Verdict, get_task
+from ..train.checkpoint import checkpoint_of
+from ..train.cost import forward_flops
 
 
 @dataclass
@@ -86,3 +98,50 @@ def _majority_right(task: Task, problem: Problem, samples: list[Sample]) -> bool
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else 0.0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a run folder or checkpoint")
+    p.add_argument("--task", required=True)
+    p.add_argument("--problems", type=int, default=500, help="held-out problems (the same first ones each time)")
+    p.add_argument("--k", type=int, default=8, help="samples per problem for pass@k and maj@k (0: greedy only)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch", type=int, default=64, help="sequences decoded at once")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the metrics here")
+    p.add_argument("--show", type=int, default=3, help="print this many greedy completions")
+    add_device_argument(p)
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+
+
+def run(args) -> dict:
+    """Evaluate, print the table (and --show completions), write --json; returns the metrics."""
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    task = get_task(args.task)
+    path = checkpoint_of(Path(args.model))
+    model, tokenizer = load_hf(path, dtype=inference_dtype(device), device=device), TextTokenizer.load(path)
+    problems = task.test_set(args.problems)
+    engine = Engine(model, tokenizer, max_batch=args.batch, max_len=256 + args.max_new_tokens)
+    t0 = time.perf_counter()
+    result, greedy = evaluate(engine, tokenizer, task, problems, k=args.k, temperature=args.temperature,
+                              max_new_tokens=args.max_new_tokens, seed=args.seed)
+    seconds = time.perf_counter() - t0
+    columns = list(result["all"])
+    rows = [[bucket] + [f"{v[c]:.3f}" if isinstance(v[c], float) else v[c] for c in columns]
+            for bucket, v in result.items()]
+    print(f"{task.name} ({task.description}): {path}")
+    print(table(rows, ["bucket"] + columns))
+    print("pass@1: greedy; length: greedy completion tokens; format: well-formed completions"
+          + (f"; sampled at temperature {args.temperature}, {args.k} per problem" if args.k else ""))
+    if args.json:
+        tokens = engine.processed_tokens
+        write_text_atomic(Path(args.json), json.dumps({
+            "task": task.name, "model": str(path), "k": args.k, "temperature": args.temperature,
+            "metrics": result, "tokens": tokens, "flops": forward_flops(model.cfg, 256, tokens),
+            "seconds": seconds}, indent=2) + "\n")
+    for i in range(min(args.show, len(problems))):
+        print(f"\n{problems[i].prompt} -> {tokenizer.decode(greedy[i][0].tokens)!r}")
+    return result

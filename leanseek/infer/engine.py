@@ -1,5 +1,5 @@
-"""The inference engine: a latent KV cache with a slot per running sequence, chunked prefill, batched decode,
-continuous batching (a waiting request takes the slot of one that finished, between decode steps), and MTP
+"""The inference engine: a latent KV cache with a slot per running sequence, batched and chunked prefill, batched
+decode, continuous batching (a waiting request takes the slot of one that finished, between decode steps), and MTP
 self-speculative decoding.
 
     engine = Engine(model, tokenizer)
@@ -69,11 +69,6 @@ class _Request:
 # The forward passes of a decode step. Engine(compile=True) compiles them with fixed shapes; each returns, last,
 # the latents its CacheSteps collected (empty when they wrote directly), for Engine._call to store.
 
-def default_device() -> torch.device:
-    """Where inference, evaluation and RL run: the first GPU when there is one."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _decode_fn(model: Transformer, ids: torch.Tensor, at):
     """The main model on tokens ids [B, T]: its normed hidden states and logits."""
     h = model.step(ids, at)
@@ -99,8 +94,10 @@ def _greedy_speculative_fn(model: Transformer, ids: torch.Tensor, at, draft_at):
 class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
                  prefill_chunk: int = 512, compile: bool = False):
-        """max_batch sequences run at once, each up to max_len tokens (prompt and output). compile: run decode
-        steps through torch.compile, which takes a while on first use and then removes most per-step overhead."""
+        """max_batch sequences run at once, each up to max_len tokens (prompt and output). prefill_chunk: the most
+        prompt tokens one prefill forward runs (padding included): the prompts admitted together are prefilled in
+        batches of about that many tokens, a longer prompt alone in chunks of that many. compile: run decode steps
+        through torch.compile, which takes a while on first use and then removes most per-step overhead."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.cfg = model.cfg
@@ -231,11 +228,14 @@ class Engine:
         """Admit waiting requests into free slots (prefill, first token), then one decode step for the running
         ones: a token each, or one or two for speculative ones."""
         outs: list[Output] = []
+        admitted = []
         while self._waiting and self._free:
             r = self._waiting.popleft()
             r.slot = self._free.pop()
             self._running.append(r)
-            self._guarded([r], outs, lambda r=r: self._prefill(r, outs))
+            admitted.append(r)
+        for batch in self._prefill_batches(admitted):
+            self._guarded(batch, outs, lambda batch=batch: self._prefill(batch, outs))
         plain = [r for r in self._running if r.draft is None]
         if plain:
             self._guarded(plain, outs, lambda: self._decode_plain(plain, outs))
@@ -397,35 +397,71 @@ class Engine:
             at.advance()
         return out[: -len(steps)]
 
-    def _prefill(self, r: _Request, outs: list[Output]) -> None:
-        self.cache.lengths[r.slot] = 0
-        self.stats["prompt_tokens"] += len(r.prompt)
-        hidden = []
-        for start in range(0, len(r.prompt), self.prefill_chunk):
-            chunk = r.prompt[start:start + self.prefill_chunk]
-            at = self.cache.step([r.slot], len(chunk))
-            h = self.model.step(torch.tensor([chunk], device=self.device), at)
-            at.advance()
-            if r.speculative:
-                hidden.append(h)
-        self._emit(r, self._choose([r], self.model.lm_head(h[:, -1])), outs)
-        if r.speculative and r in self._running:
-            self._prefill_draft(r, torch.cat(hidden, dim=1))
+    def _prefill_batches(self, requests: list[_Request]) -> list[list[_Request]]:
+        """Requests to prefill together: by prompt length, as many as fit prefill_chunk tokens with the padding
+        to the longest (so a step's many samples of one prompt go in one forward)."""
+        batches: list[list[_Request]] = []
+        for r in sorted(requests, key=lambda r: len(r.prompt)):
+            if batches and (len(batches[-1]) + 1) * len(r.prompt) <= self.prefill_chunk:
+                batches[-1].append(r)
+            else:
+                batches.append([r])
+        return batches
 
-    def _prefill_draft(self, r: _Request, hidden: torch.Tensor) -> None:
-        """The MTP module over the prompt: position i pairs the main hidden state with token i+1 (the last with
-        the first generated token); its last output drafts the token after that."""
+    def _run_prompts(self, cache: LatentCache, batch: list[_Request], seqs: list[list[int]], forward,
+                     keep: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run token sequences seqs (one per request, ragged) into the requests' slots of `cache` from position 0,
+        prefill_chunk columns per forward(ids [B, t], at, start). Shorter sequences are padded at the end: the
+        padding's latents land past their sequence's end, where the attention mask hides them until the
+        sequence's own tokens overwrite them. Returns each sequence's last output [B, d] and, when keep, all of
+        them [B, T, d]."""
+        slots, lengths = [r.slot for r in batch], [len(x) for x in seqs]
+        for s in slots:
+            cache.lengths[s] = 0
+        outs, last = [], None
+        for start in range(0, max(lengths), self.prefill_chunk):
+            width = min(self.prefill_chunk, max(lengths) - start)
+            ids = [x[start:start + width] + [0] * (width - len(x[start:start + width])) for x in seqs]
+            at = cache.step(slots, width)
+            h = forward(torch.tensor(ids, device=self.device), at, start)
+            at.advance()
+            if keep:
+                outs.append(h)
+            if last is None:
+                last = h.new_empty(len(batch), h.shape[-1])
+            ends = [(i, n - 1 - start) for i, n in enumerate(lengths) if start <= n - 1 < start + width]
+            if ends:  # the sequences that end in this chunk
+                rows, cols = map(list, zip(*ends))
+                last[rows] = h[rows, cols]
+        for s, n in zip(slots, lengths):
+            cache.lengths[s] = n
+        return last, torch.cat(outs, dim=1) if keep else None
+
+    def _prefill(self, batch: list[_Request], outs: list[Output]) -> None:
+        """The prompts of `batch` through the model (batched, ragged), each request's first token, and the MTP
+        module's first draft for speculative ones."""
+        self.stats["prompt_tokens"] += sum(len(r.prompt) for r in batch)
+        speculative = any(r.speculative for r in batch)
+        last, hidden = self._run_prompts(self.cache, batch, [r.prompt for r in batch],
+                                         lambda ids, at, start: self.model.step(ids, at), speculative)
+        for r, token in zip(batch, self._choose(batch, self.model.lm_head(last))):
+            self._guarded([r], outs, lambda r=r, token=token: self._emit(r, [token], outs))
+        rows = [i for i, r in enumerate(batch) if r.speculative and r in self._running]
+        if rows:
+            self._prefill_draft([batch[i] for i in rows], hidden[rows])
+
+    def _prefill_draft(self, batch: list[_Request], hidden: torch.Tensor) -> None:
+        """The MTP module over the prompts: position i pairs the main hidden state [B, T, d] with token i+1 (the
+        last with the first generated token); its last output drafts the token after that."""
         if self.draft_cache is None:
             self.draft_cache = LatentCache(self.cfg, self.max_batch, self.max_len, self.device, self.dtype, layers=1)
-        self.draft_cache.lengths[r.slot] = 0
-        following = r.prompt[1:] + r.output[-1:]
-        for start in range(0, len(following), self.prefill_chunk):
-            chunk = following[start:start + self.prefill_chunk]
-            at = self.draft_cache.step([r.slot], len(chunk))
-            _, normed = self.model.mtp_step(hidden[:, start:start + len(chunk)],
-                                            torch.tensor([chunk], device=self.device), at)
-            at.advance()
-        self._propose([r], self.model.lm_head(normed[:, -1]))
+
+        def forward(ids, at, start):
+            return self.model.mtp_step(hidden[:, start:start + ids.shape[1]], ids, at)[1]
+
+        following = [r.prompt[1:] + r.output[-1:] for r in batch]
+        last, _ = self._run_prompts(self.draft_cache, batch, following, forward, False)
+        self._propose(batch, self.model.lm_head(last))
 
     def _drop_draft_if_last(self, r: _Request) -> None:
         """With one token left to generate, a draft has nothing to add (and could run past the context)."""

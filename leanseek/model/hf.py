@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..atomic import write_atomic, write_text_atomic
@@ -149,20 +149,26 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     if not file.is_file():
         raise CheckpointError(f"{file} not found: a Hugging Face model folder needs a config.json")
     try:
-        hf = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+        hf = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as e:  # bad JSON, or bytes that are not UTF-8 (a damaged file)
         raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(hf).__name__}, not an object of config fields")
     try:
         return ModelConfig.from_hf(hf)
-    except (ConfigError, TypeError) as e:
+    except (ConfigError, ValueError, TypeError) as e:  # ValueError, TypeError: fields of the wrong kind
         raise CheckpointError(f"{file}: {e}") from None
 
 
 def _open_shards(path: Path) -> dict[str, object]:
     """HF name -> an open (memory-mapped) safetensors handle holding it."""
     if (path / INDEX).is_file():
-        weight_map = json.loads((path / INDEX).read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
+        try:
+            weight_map = json.loads((path / INDEX).read_text(encoding="utf-8"))["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{path / INDEX} is damaged: no weight_map of tensor names to files "
+                                  f"({type(e).__name__}: {e})") from None
     elif (path / SINGLE).is_file():
         files = [SINGLE]
     else:
@@ -173,7 +179,11 @@ def _open_shards(path: Path) -> dict[str, object]:
     for file in files:
         if not (path / file).is_file():
             raise CheckpointError(f"{path / file} is listed in {INDEX} but missing")
-        f = safe_open(str(path / file), framework="pt")
+        try:
+            f = safe_open(str(path / file), framework="pt")
+        except SafetensorError as e:  # a truncated, zeroed or overwritten file fails the header's checks
+            raise CheckpointError(f"{path / file} is damaged ({(path / file).stat().st_size:,} bytes): not a "
+                                  f"complete safetensors file ({e})") from None
         for name in f.keys():
             handles[name] = f
     return handles
@@ -192,13 +202,22 @@ def _read(handles: dict, name: str, block: tuple[int, int]) -> torch.Tensor:
 
 def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
             device: torch.device | str = "cpu") -> Transformer:
-    """Load a Hugging Face DeepseekV3ForCausalLM / DeepseekV2ForCausalLM folder (config.json + safetensors).
+    """Load a Hugging Face DeepseekV3ForCausalLM / DeepseekV2ForCausalLM folder (config.json + safetensors), or a
+    sharded (FSDP) run's checkpoint, whole, in this process.
 
     Tensors are read one at a time from memory-mapped files into a model built without allocating weights.
     FP8 block-quantised weights (DeepSeek's release format) are dequantised. Raises CheckpointError naming
-    missing, unexpected or wrongly shaped tensors."""
+    missing, unexpected or wrongly shaped tensors, or a damaged file (verified against checksums.json when the
+    folder has one, which catches damage that leaves a file readable, such as zeroed bytes)."""
+    from ..train.integrity import verify  # here: leanseek.train imports this module
+
     path = Path(path)
+    verify(path)
     cfg = read_config(path)
+    if (path / "model-shards").is_dir():  # a sharded training run's checkpoint (leanseek.train.sharded)
+        from ..train.sharded import read_sharded_model
+
+        return read_sharded_model(path, cfg, dtype, device)
     handles = _open_shards(path)
     mtp_probe = f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight"
     if cfg.num_nextn_predict_layers and mtp_probe not in handles:

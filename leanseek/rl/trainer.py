@@ -5,11 +5,16 @@ them with the task's strict checker, turns the rewards into group-relative advan
 on the clipped objective (leanseek.rl.grpo). The reference model for the optional KL penalty is the starting
 checkpoint, frozen. Problems and sampling seeds are functions of (seed, step), so a resumed run reproduces the
 uninterrupted one. Held-out greedy accuracy is measured every `eval_every` steps.
+
+The policy update runs in micro-batches of at most `micro_batch_tokens` tokens per forward-backward pass, with
+gradients accumulated to exactly the whole batch's (grpo_loss's whole-batch normalisers), so memory does not grow
+with prompts x group.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import random
 import time
@@ -19,9 +24,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..console import metrics_line
 from ..data.tokenizer import END_OF_TURN, TextTokenizer
 from ..eval.tasks import evaluate, prompt_ids
-from ..infer.engine import Engine, default_device
+from ..device import add_device_argument, default_price, pick_device
+from ..infer.engine import Engine
 from ..model.hf import load_hf
 from ..tasks import get_task
 from ..train.checkpoint import (checkpoint_of, full_optimizer_state, latest_checkpoint, restore, rng_state,
@@ -29,6 +36,10 @@ from ..train.checkpoint import (checkpoint_of, full_optimizer_state, latest_chec
 from ..train.cost import Ledger, detect_peak_tflops, forward_flops
 from ..train.loop import append_metrics, truncate_metrics, write_json
 from .grpo import LOSS_TYPES, SCALES, advantages, grpo_loss, kl_k3
+
+# prompt tokens (padding included) per prefill forward of the sampler: a step's prompts x group requests are
+# prefilled in a few large batches rather than one by one
+PREFILL_TOKENS = 4096
 
 RESUME_KEYS = ("init", "task", "prompts", "group", "max_new_tokens", "temperature", "lr", "loss_type", "scale",
                "eps_low", "eps_high", "beta", "mu", "format_reward", "keep_zero_std", "mask_truncated",
@@ -64,6 +75,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-problems", type=int, default=200, help="held-out problems per evaluation")
     g.add_argument("--save-every", type=int, default=25)
     g.add_argument("--keep", type=int, default=2)
+    g.add_argument("--micro-batch-tokens", type=int, default=8192,
+                   help="tokens (padding included) per forward-backward pass of the policy update; gradients are "
+                        "accumulated over as many passes as the batch needs, to the same result")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="bf16 autocast for sampling and the update; auto: on GPUs, not on CPUs")
+    add_device_argument(g)
     g.add_argument("--threads", type=int)
 
 
@@ -79,10 +96,23 @@ class Batch:
     stats: dict
 
 
+@dataclasses.dataclass
+class MicroBatch:
+    """Some rows of a Batch for one forward-backward pass, cut to the longest of them: ids [n, t], mask [n, t-1],
+    advantages [n], and once scored the old policy's (and the reference's) log-probabilities [n, t-1]."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    adv: torch.Tensor
+    old: torch.Tensor | None = None
+    ref: torch.Tensor | None = None
+
+
 def token_logps(model, ids: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities [N, T-1] of each next token under the model at `temperature` (as sampled), and the
-    entropies of those distributions (detached)."""
-    logits = model(ids)[:, :-1].float() / temperature
+    entropies of those distributions (detached). At least float32, whatever the model computes in."""
+    logits = model(ids)[:, :-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     logp_all = F.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, ids[:, 1:, None])[..., 0]
     with torch.no_grad():
@@ -121,21 +151,84 @@ def sample_batch(engine: Engine, tokenizer: TextTokenizer, task, problems, args,
     return Batch(ids[rows], mask[rows], rewards[rows], adv[rows], stats)
 
 
+def micro_batches(batch: Batch, budget: int, device) -> list[MicroBatch]:
+    """The batch's rows, shortest first, packed into micro-batches of at most `budget` tokens (rows x the longest
+    of them; a longer sequence goes alone). Each is cut to its longest sequence: the model is causal, so the
+    padding beyond it changes nothing."""
+    T = batch.ids.shape[1]
+    lengths = (T - batch.mask.flip(-1).argmax(-1)).tolist()  # every row has a completion: its last is its end
+    parts, rows = [], []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if rows and (len(rows) + 1) * lengths[i] > budget:
+            parts.append(rows)
+            rows = []
+        rows.append(i)
+    parts.append(rows)
+    out = []
+    for rows in parts:
+        t = max(lengths[i] for i in rows)
+        index = torch.tensor(rows)
+        out.append(MicroBatch(batch.ids[index, :t].to(device), batch.mask[index, :t - 1].to(device),
+                              batch.adv[index].to(device)))
+    return out
+
+
+@torch.no_grad()
+def score(parts: list[MicroBatch], old_policy, reference, temperature: float) -> None:
+    """The old policy's and the reference's log-probabilities of each micro-batch's tokens."""
+    for p in parts:
+        p.old = token_logps(old_policy, p.ids, temperature)[0]
+        p.ref = token_logps(reference, p.ids, temperature)[0] if reference is not None else None
+
+
+def accumulate(model, parts: list[MicroBatch], args, precision=contextlib.nullcontext) -> dict[str, torch.Tensor]:
+    """One forward-backward pass per micro-batch, gradients summed into .grad: the whole batch's loss and
+    gradients, for every loss type. Returns the loss and the per-token statistics (tensors: no host sync).
+    precision: the context of the forward passes (autocast); backward runs outside it, as autocast wants."""
+    sequences = sum(len(p.ids) for p in parts)
+    tokens = sum(p.mask.sum() for p in parts).clamp(min=1)
+    eps_high = args.eps_low if args.eps_high is None else args.eps_high
+    totals: dict[str, torch.Tensor] = {}
+    for p in parts:
+        with precision():
+            logp, entropy = token_logps(model, p.ids, args.temperature)
+            loss = grpo_loss(logp, p.old, p.ref, p.adv, p.mask, args.loss_type, args.eps_low, args.eps_high,
+                             args.beta, args.max_new_tokens, sequences, tokens)
+        loss.backward()
+        with torch.no_grad():
+            ratio, a, m = torch.exp(logp - p.old), p.adv[:, None], p.mask
+            low = ((ratio < 1 - args.eps_low) & (a < 0)).to(m.dtype)
+            high = ((ratio > 1 + eps_high) & (a > 0)).to(m.dtype)
+            stats = {"loss": loss.detach(), "entropy": (entropy * m).sum() / tokens,
+                     "clip_low": (low * m).sum() / tokens, "clip_high": (high * m).sum() / tokens,
+                     "clip_region": ((low + high) * m).sum() / tokens}
+            if p.ref is not None:
+                stats["kl"] = (kl_k3(logp, p.ref) * m).sum() / tokens
+        for k, v in stats.items():
+            totals[k] = totals[k] + v if k in totals else v
+    return totals
+
+
 def held_out(engine, tokenizer, task, problems, max_new_tokens: int) -> dict:
     s = evaluate(engine, tokenizer, task, problems, max_new_tokens=max_new_tokens)[0]["all"]
     return {"eval_pass@1": s["pass@1"], "eval_format": s["format"], "eval_length": s["length"]}
 
 
 def run(args) -> dict:
+    if args.group < 2:
+        raise ValueError(f"--group {args.group}: GRPO's advantages compare each completion with the others sampled "
+                         "for the same prompt, so --group must be at least 2")
+    if args.micro_batch_tokens < 1:
+        raise ValueError(f"--micro-batch-tokens {args.micro_batch_tokens}: must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
     task = get_task(args.task)
     run_dir = Path(args.out)
     init = checkpoint_of(Path(args.init))
     tokenizer = TextTokenizer.load(init)
     run_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "run"}
     resume = latest_checkpoint(run_dir) if run_dir.exists() else None
-    device = default_device()
     model = load_hf(resume or init, device=device).train()
     for r in model.routers():  # the routing bias stays as trained: RL has no balance objective of its own
         if r.e_score_correction_bias is not None:
@@ -143,35 +236,42 @@ def run(args) -> dict:
     reference = load_hf(init, device=device).eval().requires_grad_(False) if args.beta else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    ledger = Ledger(devices=1, peak_tflops=detect_peak_tflops(device, torch.float32)[0],
-                    price_per_device_hour=2.0 if device.type == "cuda" else 0.05)
+    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
+    precision = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    # the weights stay float32; under autocast the matmuls, most of the FLOPs, run in bf16
+    peak = detect_peak_tflops(device, torch.bfloat16 if bf16 else next(model.parameters()).dtype)[0]
+    ledger = Ledger(devices=1, peak_tflops=peak, price_per_device_hour=default_price(device))
     start = 0
     if resume is not None:
         start, saved = restore(resume, run_args, RESUME_KEYS, model, optimizer)
-        ledger = Ledger(**saved)
+        ledger = Ledger(**{**saved, "peak_tflops": ledger.peak_tflops,  # this device's, if resumed elsewhere
+                           "price_per_device_hour": ledger.price_per_device_hour})
     pool = task.train_set(args.pool, args.seed)
     test = task.test_set(args.eval_problems)
-    max_len = max(len(prompt_ids(tokenizer, p)) for p in pool[:1000] + test) + args.max_new_tokens + 8
-    engine = Engine(model, tokenizer, max_batch=args.prompts * args.group, max_len=max_len)
+    # every prompt a step can draw fits the engine's context (tokenising 20,000 takes ~0.5 s)
+    longest = max(len(prompt_ids(tokenizer, p)) for p in pool + test)
+    engine = Engine(model, tokenizer, max_batch=args.prompts * args.group, max_len=longest + args.max_new_tokens,
+                    prefill_chunk=PREFILL_TOKENS)
     metrics = run_dir / "metrics.jsonl"
     run_dir.mkdir(parents=True, exist_ok=True)
     truncate_metrics(metrics, start)
     if start == 0:
-        append_metrics(metrics, {"step": 0, **held_out(engine, tokenizer, task, test, args.max_new_tokens)})
+        with precision():
+            append_metrics(metrics, {"step": 0, **held_out(engine, tokenizer, task, test, args.max_new_tokens)})
     line: dict = {}
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"rl {task.name}", disable=None)
     for step in bar:
         t0 = time.perf_counter()
         problems = random.Random(args.seed * 1_000_003 + step).sample(pool, args.prompts)
         before = engine.processed_tokens
-        with torch.no_grad():
+        with torch.no_grad(), precision():
             batch = sample_batch(engine, tokenizer, task, problems, args, step)
         sampled = engine.processed_tokens - before
         t_sample = time.perf_counter() - t0
         model.train()
         line = {"step": step + 1, **batch.stats}
         if len(batch.ids):
-            line.update(_update(model, reference, optimizer, params, batch, args))
+            line.update(_update(model, reference, optimizer, params, batch, args, precision))
         dt = time.perf_counter() - t0
         tokens = int(batch.mask.sum())
         ledger.wall_seconds += dt
@@ -179,7 +279,8 @@ def run(args) -> dict:
         ledger.flops += rl_flops(model.cfg, batch.ids, sampled, args.mu, reference is not None)
         line.update({"sample_seconds": t_sample, "seconds": dt})
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            line.update(held_out(engine, tokenizer, task, test, args.max_new_tokens))
+            with precision():
+                line.update(held_out(engine, tokenizer, task, test, args.max_new_tokens))
         append_metrics(metrics, line)
         bar.set_postfix(reward=f"{line['reward']:.2f}", len=f"{line['length']:.0f}",
                         **({"eval": f"{line['eval_pass@1']:.2f}"} if "eval_pass@1" in line else {}))
@@ -189,6 +290,8 @@ def run(args) -> dict:
                             args.keep)
             write_json(run_dir / "cost.json", ledger.summary())
     bar.close()
+    print(metrics_line(line))
+    print(f"checkpoints: {run_dir}/checkpoints, newest: {run_dir}/latest; per step: {run_dir}/metrics.jsonl")
     return line
 
 
@@ -200,30 +303,16 @@ def rl_flops(cfg, ids: torch.Tensor, sampled: int, mu: int, reference: bool) -> 
             + cfg.flops_per_token(T, include_mtp=False) * ids.numel() * mu)
 
 
-def _update(model, reference, optimizer, params, batch: Batch, args) -> dict:
-    """mu optimizer steps on one batch of samples; returns the loss, entropy, KL and clip statistics."""
-    device = model.lm_head.weight.device
-    ids, m, adv = batch.ids.to(device), batch.mask.to(device), batch.adv.to(device)
-    with torch.no_grad():
-        old, _ = token_logps(model, ids, args.temperature)
-        ref = token_logps(reference, ids, args.temperature)[0] if reference is not None else None
+def _update(model, reference, optimizer, params, batch: Batch, args, precision) -> dict:
+    """mu optimizer steps on one batch of samples, each over all its micro-batches; returns the last step's loss,
+    entropy, KL and clip statistics."""
+    parts = micro_batches(batch, args.micro_batch_tokens, model.lm_head.weight.device)
+    with precision():
+        score(parts, model, reference, args.temperature)
     out = {}
     for _ in range(args.mu):
-        logp, entropy = token_logps(model, ids, args.temperature)
-        loss = grpo_loss(logp, old, ref, adv, m, args.loss_type, args.eps_low, args.eps_high, args.beta)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+        out = {"kl": 0.0, **accumulate(model, parts, args, precision)}
+        out["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        with torch.no_grad():
-            ratio = torch.exp(logp - old)
-            eps_high = args.eps_low if args.eps_high is None else args.eps_high
-            a = adv[:, None]
-            low = ((ratio < 1 - args.eps_low) & (a < 0)).float()
-            high = ((ratio > 1 + eps_high) & (a > 0)).float()
-            n = m.sum().clamp(min=1)
-            out = {"loss": float(loss.detach()), "grad_norm": grad_norm, "entropy": float((entropy * m).sum() / n),
-                   "clip_low": float((low * m).sum() / n), "clip_high": float((high * m).sum() / n),
-                   "clip_region": float(((low + high) * m).sum() / n), "lr": args.lr,
-                   "kl": float((kl_k3(logp, ref) * m).sum() / n) if ref is not None else 0.0}
-    return out
+    return {**{k: float(v) for k, v in out.items()}, "lr": args.lr}

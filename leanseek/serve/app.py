@@ -1,4 +1,4 @@
-"""`leanseek serve`: an OpenAI-compatible HTTP API over the engine's continuous batching (FastAPI + uvicorn).
+"""The OpenAI-compatible HTTP API over the engine's continuous batching (FastAPI) that `leanseek serve` runs.
 
     GET  /                      the web chat (one page, no outside assets)
     GET  /v1/models, /health, /metrics (Prometheus text)

@@ -5,11 +5,18 @@ dimmed before the answer. End a line with a backslash to continue on the next; /
 
 from __future__ import annotations
 
+import argparse
 import sys
+from pathlib import Path
+
+import torch
 
 from ..data.chat import encode_chat
-from ..data.tokenizer import END_OF_TURN, END_THINK, THINK
+from ..data.tokenizer import END_OF_TURN, END_THINK, THINK, TextTokenizer
+from ..device import add_device_argument, inference_dtype, pick_device
 from ..infer.engine import Engine
+from ..model.hf import load_hf
+from ..train.checkpoint import checkpoint_of
 from .text import TextStream
 
 DIM, RESET = "\033[2m", "\033[0m"
@@ -103,3 +110,22 @@ class TerminalChat:
                 self.command(text)
             else:
                 self.reply(text)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a run folder or checkpoint")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-len", type=int, default=1024, help="tokens of the whole conversation")
+    add_device_argument(p)
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+
+
+def run(args) -> None:
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = checkpoint_of(Path(args.model))
+    model, tokenizer = load_hf(path, dtype=inference_dtype(device), device=device), TextTokenizer.load(path)
+    engine = Engine(model, tokenizer, max_batch=1, max_len=args.max_len)
+    TerminalChat(engine, tokenizer, temperature=args.temperature, max_new_tokens=args.max_new_tokens).run()

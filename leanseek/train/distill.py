@@ -17,6 +17,7 @@ import torch
 
 from ..atomic import write_text_atomic
 from ..data.tokenizer import TextTokenizer
+from ..device import add_device_argument, inference_dtype, pick_device
 from ..eval.tasks import complete, evaluate
 from ..infer.engine import Engine
 from ..model.config import ModelConfig
@@ -41,12 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-problems", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int)
+    add_device_argument(p)
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
 
 
-def traces(teacher: Path, task, args) -> list[list[dict]]:
+def traces(teacher: Path, task, args, device: torch.device) -> list[list[dict]]:
     """The teacher's verified-correct completions as conversations (the first correct sample of each problem)."""
-    model, tokenizer = load_hf(teacher), TextTokenizer.load(teacher)
+    model, tokenizer = load_hf(teacher, dtype=inference_dtype(device), device=device), TextTokenizer.load(teacher)
     engine = Engine(model, tokenizer, max_batch=128, max_len=128 + args.max_new_tokens)
     problems = task.train_set(args.problems, args.seed + 1)
     samples = complete(engine, tokenizer, task, problems, samples=args.samples, temperature=args.temperature,
@@ -62,9 +64,11 @@ def traces(teacher: Path, task, args) -> list[list[dict]]:
 
 
 def run(args) -> dict:
+    """Distill, print the result, and return it."""
     from .loop import add_arguments as sft_arguments
     from .loop import run as train
 
+    device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     task = get_task(args.task)
@@ -74,7 +78,7 @@ def run(args) -> dict:
     tokenizer = TextTokenizer.load(teacher)
     kept = out / "traces.jsonl"
     if not kept.exists():
-        chats = traces(teacher, task, args)
+        chats = traces(teacher, task, args, device)
         if not chats:
             raise ValueError(f"{teacher}: the teacher solved none of {args.problems} problems; nothing to distill")
         write_text_atomic(kept, "".join(json.dumps({"messages": c}) + "\n" for c in chats))
@@ -91,15 +95,18 @@ def run(args) -> dict:
     train(parser.parse_args(["--init", str(student_init), "--data", str(kept), "--out", str(out),
                              "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                              "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--seed", str(args.seed),
-                             "--save-every", str(max(1, args.steps // 4)), "--eval-every", str(args.steps)]))
+                             "--save-every", str(max(1, args.steps // 4)), "--eval-every", str(args.steps),
+                             "--device", args.device]))
     test = task.test_set(args.eval_problems)
     result = {"traces": sum(1 for _ in kept.open()), "problems": args.problems}
     for name, path in (("teacher", teacher), ("student", checkpoint_of(out))):
-        model = load_hf(path)
+        model = load_hf(path, dtype=inference_dtype(device), device=device)
         engine = Engine(model, tokenizer, max_batch=128, max_len=128 + args.max_new_tokens)
         result[name] = {"pass@1": evaluate(engine, tokenizer, task, test, max_new_tokens=args.max_new_tokens)[0]
                         ["all"]["pass@1"],
                         "parameters": model.cfg.param_counts().total}
     result["student/teacher"] = result["student"]["pass@1"] / max(result["teacher"]["pass@1"], 1e-9)
     write_text_atomic(out / "distill.json", json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"student: {out}/latest; {result['traces']} kept traces in {out}/traces.jsonl")
     return result

@@ -26,14 +26,16 @@ from torch import nn
 from tqdm import tqdm
 
 from ..atomic import write_text_atomic
+from ..console import metrics_line
 from ..data import TextTokenizer, load_split
+from ..device import add_device_argument, default_price, pick_device
 from ..model.config import ModelConfig
-from ..model.hf import load_hf
+from ..model.hf import load_hf, read_config
 from ..model.moe import Experts
 from ..model.transformer import Transformer
 from .balance import max_violation, update_correction_bias
-from .checkpoint import (checkpoint_of, full_model_state, full_optimizer_state, latest_checkpoint, restore,
-                         rng_state, save_checkpoint)
+from .checkpoint import (checkpoint_of, full_optimizer_state, is_sharded, latest_checkpoint, restore, rng_state,
+                         save_checkpoint, save_sharded_checkpoint)
 from .cost import Ledger, detect_peak_tflops
 from .loader import WindowSampler, eval_windows
 from .losses import IGNORE_INDEX, training_loss
@@ -71,7 +73,10 @@ def add_arguments(p: argparse.ArgumentParser, stage: str = "pretrain") -> None:
     g.add_argument("--balance-weight", type=float, default=1e-4, help="alpha of the sequence-wise balance loss")
     g.add_argument("--bias-update-speed", type=float, default=1e-3, help="gamma of the aux-loss-free bias update")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--optimizer-impl", default="auto", choices=["auto", "fused", "foreach", "for-loop"],
+                   help="AdamW's kernels: fused (auto's choice on CPUs and CUDA), foreach or for-loop")
     g = p.add_argument_group("runtime")
+    add_device_argument(g)
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="bf16 autocast; auto: on GPUs, not on CPUs (faster only with AMX)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -84,7 +89,8 @@ def add_arguments(p: argparse.ArgumentParser, stage: str = "pretrain") -> None:
     g.add_argument("--eval-every", type=int, default=200)
     g.add_argument("--eval-tokens", type=int, default=65536)
     g.add_argument("--peak-tflops", type=float, help="per-device peak for MFU (default: detected)")
-    g.add_argument("--price", type=float, help="dollars per device-hour (default: 2 on GPUs, 0.05 on CPUs)")
+    g.add_argument("--price", type=float, help="dollars per device-hour (default: leanseek.device's price for the "
+                                               "device)")
     g.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
 
 
@@ -113,7 +119,9 @@ def lr_at(step: int, args) -> float:
 
 
 class Objective(nn.Module):
-    """The training loss as a module, so that DDP's gradient hooks see the whole forward."""
+    """The training loss as a module, so that the data-parallel wrapper's hooks see everything the loss touches
+    (the loss uses the output head's weight outside the head's own forward): DDP's around the whole forward,
+    FSDP's all-gather of the embedding, final norm and head as the root of the sharded modules."""
 
     def __init__(self, model: Transformer, mtp_weight: float, balance_weight: float):
         super().__init__()
@@ -123,19 +131,9 @@ class Objective(nn.Module):
         t = training_loss(self.model, x, y, self.mtp_weight, self.balance_weight)
         return t.loss, t.ce, t.mtp, t.balance, t.load
 
-
-def clip_gradients(params: list[nn.Parameter], max_norm: float, sharded: bool) -> float:
-    """Scale gradients to a global L2 norm of at most max_norm; returns the norm before clipping."""
-    if not sharded:
-        return float(nn.utils.clip_grad_norm_(params, max_norm))
-    # sharded gradients (DTensors) and whole ones mixed: sum the squares, gathering each sharded norm
-    squares = [p.grad.norm() ** 2 for p in params if p.grad is not None]
-    total = math.sqrt(sum(float(s.full_tensor() if hasattr(s, "full_tensor") else s) for s in squares))
-    scale = min(1.0, max_norm / (total + 1e-6))
-    for p in params:
-        if p.grad is not None:
-            p.grad.mul_(scale)
-    return total
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The main head's logits (for evaluation); under FSDP a forward method of the root like `forward`."""
+        return self.model(x)
 
 
 def token_bytes(tokenizer: TextTokenizer) -> torch.Tensor:
@@ -145,22 +143,22 @@ def token_bytes(tokenizer: TextTokenizer) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, x: torch.Tensor, y: torch.Tensor, nbytes: torch.Tensor, device, autocast) -> dict:
+def evaluate(objective: Objective, x: torch.Tensor, y: torch.Tensor, nbytes: torch.Tensor, device,
+             autocast) -> dict:
     """Validation loss (nats per token) and bits per byte, special-token and ignored targets excluded."""
-    model.eval()
+    objective.eval()
     nats, tokens, total_bytes = 0.0, 0, 0
     for start in range(0, len(x), 8):
         xb, yb = x[start:start + 8].to(device), y[start:start + 8].to(device)
         with autocast():
-            logits = model(xb)
+            logits = objective.logits(xb)
         b = nbytes.to(device)[yb.clamp(min=0)] * (yb != IGNORE_INDEX)
         ce = F.cross_entropy(logits.float().flatten(0, 1), yb.flatten(), reduction="none",
                              ignore_index=IGNORE_INDEX).view_as(yb)
         nats += float((ce * (b > 0)).sum())
         tokens += int((b > 0).sum())
         total_bytes += int(b.sum())
-    model.train()
-    _reshard(model)
+    objective.train()
     return {"val_loss": nats / max(tokens, 1), "val_bpb": nats / math.log(2) / max(total_bytes, 1)}
 
 
@@ -172,146 +170,224 @@ def unigram_bpb(train: np.ndarray, y: torch.Tensor, nbytes: torch.Tensor, vocab:
     return float(-(logp[y] * (b > 0)).sum() / math.log(2) / b.sum())
 
 
-def _setup_distributed() -> tuple[int, int, torch.device]:
+# ---------------------------------------------------------------------------------------------- setup
+
+
+@dataclasses.dataclass
+class Place:
+    """Where this process trains: rank `rank` of `world` processes, on `device`; `sharded`: FSDP, else (when
+    world > 1) DDP."""
+
+    rank: int
+    world: int
+    device: torch.device
+    sharded: bool
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(args) -> Place:
+    """Threads, device and, under torchrun, the process group."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = torch.cuda.is_available()
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda:
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), world, torch.device("cuda", local) if cuda else torch.device("cpu")
+        return Place(0, 1, pick_device(args.device), False)
+    device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Place(dist.get_rank(), world, device, args.fsdp)
+
+
+@dataclasses.dataclass
+class Corpus:
+    tokenizer: TextTokenizer
+    train: np.ndarray
+    val: np.ndarray
+    train_mask: np.ndarray | None = None  # SFT: which targets count (the assistant's); pretraining: all of them
+    val_mask: np.ndarray | None = None
+
+
+def load_corpus(args) -> Corpus:
+    if args.stage == "sft":
+        tokenizer = TextTokenizer.load(checkpoint_of(Path(args.init)))
+        (train, train_mask), (val, val_mask) = sft_streams(tokenizer, args.data, args.seed)
+        return Corpus(tokenizer, train, val, train_mask, val_mask)
+    return Corpus(TextTokenizer.load(args.data), load_split(args.data, "train")[0], load_split(args.data, "val")[0])
+
+
+def build_model(args, tokenizer: TextTokenizer, resume: Path | None, place: Place) -> Transformer:
+    """The model to train: the checkpoint being resumed, SFT's starting point, or a fresh seeded one. When a
+    sharded run resumes a sharded checkpoint, on the meta device: its shards are loaded after sharding (no rank
+    ever holds the whole model). A fresh sharded model is built on the CPU, and sharding moves it to the device one
+    unit at a time."""
+    if resume is not None and place.sharded and is_sharded(resume):
+        with torch.device("meta"):
+            return Transformer(read_config(resume)).train()
+    if resume is not None or args.stage == "sft":
+        return load_hf(resume or checkpoint_of(Path(args.init)), device=place.device).train()
+    torch.manual_seed(args.seed)
+    cfg = ModelConfig.preset(args.preset, **{"vocab_size": tokenizer.vocab_size, "bos_token_id": tokenizer.bos_id,
+                                             "eos_token_id": tokenizer.eos_id, **parse_overrides(args.set)})
+    return Transformer(cfg).to("cpu" if place.sharded else place.device).train()
+
+
+def shard(objective: Objective, place: Place) -> None:
+    """FSDP2 as torchtitan applies it: each decoder block and MTP module is a unit (all-gathered just before its
+    forward and again for its backward, freed after each), and the objective is the root unit, holding the rest
+    (embedding, final norm, output head). Parameters, gradients and optimizer state are then all sharded."""
+    # imported here: slow to import, and needed only when sharding
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(place.device.type, (place.world,))
+    model = objective.model
+    for unit in [*model.layers, *model.mtp]:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+    # reshard_after_forward on the root too: an evaluation (a forward with no backward) then leaves nothing gathered
+    fully_shard(objective, mesh=mesh, reshard_after_forward=True)
+    register_fsdp_forward_method(objective, "logits")
+
+
+def wrap(objective: Objective, args, place: Place) -> nn.Module:
+    """The module a training step calls: the objective, data-parallel (DDP) when replicated over ranks (FSDP wraps
+    it in place, see shard), compiled with --compile."""
+    forward: nn.Module = objective
+    if place.world > 1 and not place.sharded:
+        forward = nn.parallel.DistributedDataParallel(
+            objective, broadcast_buffers=False,  # routing biases stay equal: every rank applies the same update
+            find_unused_parameters=args.mtp_weight == 0 and objective.model.cfg.num_nextn_predict_layers > 0)
+    if args.compile:
+        for module in objective.modules():  # per-expert token counts change every step: leave the expert kernel
+            if isinstance(module, Experts):  # uncompiled, or every step would recompile
+                module.forward = torch.compiler.disable(module.forward)
+        forward = torch.compile(forward)
+    return forward
+
+
+def optimizer_options(impl: str, device: torch.device) -> dict:
+    """AdamW's implementation: fused (the whole update in one kernel over many tensors; CPUs and CUDA, sharded
+    DTensors included), foreach (one kernel per operation over many tensors), or for-loop (tensor by tensor)."""
+    if impl == "auto":
+        impl = "fused" if device.type in ("cpu", "cuda") else "foreach"
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[impl]
+
+
+def build_optimizer(model: Transformer, args, device: torch.device) -> torch.optim.AdamW:
+    """AdamW (0.9, 0.95), weight decay on matrices other than the embedding."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed_tokens" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed_tokens" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
+                             **optimizer_options(args.optimizer_impl, device))
+
+
+def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes this process holds for parameters, gradients and optimizer state: under FSDP its shards only."""
+    return storage_bytes([*model.parameters(), *(p.grad for p in model.parameters() if p.grad is not None),
+                          *(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))])
+
+
+def storage_bytes(tensors) -> int:
+    """The bytes of memory behind `tensors` (of a DTensor: its local shard), storage shared by several (FSDP's
+    gradient shards are views of one buffer) counted once."""
+    storages = {}
+    for t in tensors:
+        storage = (t.to_local() if hasattr(t, "to_local") else t).untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def accumulate(forward: nn.Module, objective: Objective, last: bool, sharded: bool):
+    """Micro-steps before the last accumulate gradients locally; the last one synchronises them over ranks."""
+    if sharded:
+        objective.set_requires_gradient_sync(last)  # on FSDP's root: every unit below it too
+    elif not last and hasattr(forward, "no_sync"):  # DDP (compiled or not)
+        return forward.no_sync()
+    return contextlib.nullcontext()
+
+
+def train_step(forward: nn.Module, objective: Objective, optimizer: torch.optim.Optimizer, batches: list,
+               place: Place, n_routers: int, autocast) -> tuple[list[float], torch.Tensor, float]:
+    """One optimizer step over the global batch: gradient accumulation over this rank's micro-batches, clipping
+    at 1.0, AdamW. Returns the global batch's mean (loss, ce, mtp, balance), the expert loads [n_routers, E]
+    summed over it, and the gradient norm before clipping."""
+    device = place.device
+    sums = torch.zeros(4, device=device)
+    load = torch.zeros(n_routers, objective.model.cfg.n_routed_experts, device=device)
+    for m, (x, y) in enumerate(batches):
+        with accumulate(forward, objective, m == len(batches) - 1, place.sharded):
+            with autocast():
+                loss, ce, mtp, balance, micro_load = forward(x.to(device), y.to(device))
+            (loss / len(batches)).backward()
+        sums += torch.stack([loss.detach(), ce, mtp, balance]) / len(batches)
+        load += micro_load
+    if place.world > 1:  # the bias update and the logged loss are over the global batch
+        dist.all_reduce(load)
+        dist.all_reduce(sums)
+        sums /= place.world
+    # FSDP's gradients are sharded DTensors: clip_grad_norm_ reduces their norms over ranks itself
+    grad_norm = nn.utils.clip_grad_norm_(objective.parameters(), 1.0)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor
+        grad_norm = grad_norm.full_tensor()
+    optimizer.step()
+    return sums.tolist(), load, float(grad_norm)
 
 
 def run(args) -> dict:
     """Train; returns the final metrics line. See `leanseek pretrain --help`."""
-    rank, world, device = _setup_distributed()
-    main_rank = rank == 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    sft = args.stage == "sft"
+    place = setup(args)
+    corpus = load_corpus(args)
     run_dir = Path(args.out)
-    train_mask = val_mask = None  # pretraining learns every token
-    if sft:
-        init = checkpoint_of(Path(args.init))
-        tokenizer = TextTokenizer.load(init)
-        (train_tokens, train_mask), (val_tokens, val_mask) = sft_streams(tokenizer, args.data, args.seed)
-    else:
-        tokenizer = TextTokenizer.load(args.data)
-        train_tokens, _ = load_split(args.data, "train")
-        val_tokens, _ = load_split(args.data, "val")
-    micro = args.micro_batch_size or args.batch_size // world
-    if args.batch_size % (world * micro):
+    device = place.device
+    micro = args.micro_batch_size or args.batch_size // place.world
+    if args.batch_size % (place.world * micro):
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of world size x --micro-batch-size "
-                         f"= {world} x {micro}")
-    accumulation = args.batch_size // (world * micro)
+                         f"= {place.world} x {micro}")
+    accumulation = args.batch_size // (place.world * micro)
     use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
 
     run_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "run"}
     resume = latest_checkpoint(run_dir) if run_dir.exists() else None
-    if resume is not None:
-        model = load_hf(resume, device=device)
-        model.train()
-    elif sft:
-        model = load_hf(init, device=device).train()
-    else:
-        torch.manual_seed(args.seed)
-        cfg = ModelConfig.preset(args.preset, **{"vocab_size": tokenizer.vocab_size, "bos_token_id": tokenizer.bos_id,
-                                                 "eos_token_id": tokenizer.eos_id, **parse_overrides(args.set)})
-        model = Transformer(cfg).to(device).train()
-    cfg = model.cfg
-    if args.seq_len > cfg.max_position_embeddings:
-        raise ValueError(f"--seq-len {args.seq_len} exceeds max_position_embeddings={cfg.max_position_embeddings}")
-    sharded = world > 1 and args.fsdp
-    replicated = []  # with FSDP: parameters whose gradients this loop averages over ranks itself
-    if sharded:  # before the optimizer exists: sharding replaces the parameters
-        from torch.distributed.fsdp import fully_shard
-
-        # each decoder block (and MTP module) is sharded; the embedding, final norm and head stay whole on every
-        # rank, as the loss uses the head's weight outside any module's forward
-        for block in [*model.layers, *model.mtp]:
-            fully_shard(block)
-        in_blocks = {id(p) for block in [*model.layers, *model.mtp] for p in block.parameters()}
-        replicated = [p for p in model.parameters() if id(p) not in in_blocks]
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed_tokens" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed_tokens" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
-                                  fused=device.type in ("cpu", "cuda") and not sharded)
+    objective, forward = prepare_model(args, corpus.tokenizer, resume, place)
+    model, cfg = objective.model, objective.model.cfg
+    optimizer = build_optimizer(model, args, device)
     peak = args.peak_tflops or detect_peak_tflops(device, torch.bfloat16 if use_bf16 else torch.float32)[0]
-    price = args.price if args.price is not None else (2.0 if device.type == "cuda" else 0.05)
-    ledger = Ledger(devices=world, peak_tflops=peak, price_per_device_hour=price)
+    price = args.price if args.price is not None else default_price(device)
+    ledger = Ledger(devices=place.world, peak_tflops=peak, price_per_device_hour=price)
     start = 0
     if resume is not None:
         start, saved = restore(resume, run_args, RESUME_KEYS, model, optimizer)
-        ledger = Ledger(**{**saved, "devices": world, "peak_tflops": peak, "price_per_device_hour": price})
+        ledger = Ledger(**{**saved, "devices": place.world, "peak_tflops": peak, "price_per_device_hour": price})
 
-    objective = Objective(model, args.mtp_weight, args.balance_weight)
-    if world > 1 and not sharded:
-        objective = nn.parallel.DistributedDataParallel(
-            objective, broadcast_buffers=False,  # routing biases stay equal: every rank applies the same update
-            find_unused_parameters=args.mtp_weight == 0 and cfg.num_nextn_predict_layers > 0)
-    if args.compile:
-        for module in model.modules():  # per-expert token counts change every step: leave the expert kernel
-            if isinstance(module, Experts):  # uncompiled, or every step would recompile
-                module.forward = torch.compiler.disable(module.forward)
-        objective = torch.compile(objective)
-
-    sampler = WindowSampler(train_tokens, args.seq_len, args.batch_size, args.seed, train_mask)
-    val_x, val_y = eval_windows(val_tokens, args.seq_len, args.eval_tokens, val_mask)
-    nbytes = token_bytes(tokenizer)
+    sampler = WindowSampler(corpus.train, args.seq_len, args.batch_size, args.seed, corpus.train_mask)
+    val_x, val_y = eval_windows(corpus.val, args.seq_len, args.eval_tokens, corpus.val_mask)
+    nbytes = token_bytes(corpus.tokenizer)
     flops_per_token = cfg.flops_per_token(args.seq_len, include_mtp=args.mtp_weight > 0)
-    metrics_path = run_dir / "metrics.jsonl"
-    baselines = {}  # on the first line of a fresh run: the untrained model's and a unigram model's bits per byte
+    first = {}  # on the first line of a fresh run: the untrained model's and a unigram model's bits per byte
     if start == 0:
-        baselines = {f"initial_{k}": v for k, v in evaluate(model, val_x, val_y, nbytes, device, autocast).items()}
-        if not sft:
-            baselines["unigram_val_bpb"] = unigram_bpb(train_tokens, val_y, nbytes, cfg.vocab_size)
-    if main_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        truncate_metrics(metrics_path, start)
-    writer = None
-    if args.tensorboard and main_rank:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ValueError("--tensorboard needs the tensorboard package: "
-                             "pip install 'leanseek[tensorboard]'") from None
-        writer = SummaryWriter(run_dir / "tensorboard", purge_step=start + 1)  # drop what a killed run logged past it
+        first = {f"initial_{k}": v for k, v in evaluate(objective, val_x, val_y, nbytes, device, autocast).items()}
+        if args.stage != "sft":
+            first["unigram_val_bpb"] = unigram_bpb(corpus.train, val_y, nbytes, cfg.vocab_size)
+    log = Log(run_dir, args, start, place.main)
     routers = model.routers(mtp=args.mtp_weight > 0)  # MTP modules do not run when their loss is off
     line: dict = {}
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.stage,
-               disable=None if main_rank else True)  # None: shown on terminals only
-    for step in bar:
+    for step in range(start, args.steps):
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
-        sums = torch.zeros(4, device=device)
-        load = torch.zeros(len(routers), cfg.n_routed_experts, device=device)
-        for m, (x, y) in enumerate(sampler.micro_batches(step, rank, world, accumulation)):
-            last = m == accumulation - 1
-            if sharded:  # reduce-scatter gradients on the last micro-step only
-                for block in [*model.layers, *model.mtp]:
-                    block.set_requires_gradient_sync(last)
-            sync = contextlib.nullcontext() if last or not hasattr(objective, "no_sync") else objective.no_sync()
-            with sync:
-                with autocast():
-                    loss, ce, mtp, balance, micro_load = objective(x.to(device), y.to(device))
-                (loss / accumulation).backward()
-            sums += torch.stack([loss.detach(), ce, mtp, balance]) / accumulation
-            load += micro_load
-        if world > 1:  # the bias update and the logged loss are over the global batch
-            dist.all_reduce(load)
-            dist.all_reduce(sums)
-            sums /= world
-        if sharded:
-            for p in replicated:
-                dist.all_reduce(p.grad)
-                p.grad /= world
-        grad_norm = clip_gradients(list(model.parameters()), 1.0, sharded)
-        optimizer.step()
+        batches = sampler.micro_batches(step, place.rank, place.world, accumulation)
+        (loss, ce, mtp, balance), load, grad_norm = train_step(forward, objective, optimizer, batches, place,
+                                                               len(routers), autocast)
+        if step == start:  # what data parallelism saves, on the first line this process logs
+            first["state_bytes_per_device"] = largest_over_ranks(state_bytes(model, optimizer), place)
         optimizer.zero_grad(set_to_none=True)
         if routers:
             update_correction_bias(routers, load, args.bias_update_speed)
@@ -323,58 +399,107 @@ def run(args) -> dict:
         ledger.tokens += tokens
         ledger.flops += flops_per_token * tokens
         vio = max_violation(load) if routers else torch.zeros(1)
-        loss_v, ce_v, mtp_v, bal_v = sums.tolist()
-        line = {"step": step + 1, "loss": loss_v, "ce": ce_v, "mtp": mtp_v, "balance": bal_v,
+        line = {"step": step + 1, "loss": loss, "ce": ce, "mtp": mtp, "balance": balance,
                 "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm, "tokens_per_s": tokens / dt,
-                "mfu": flops_per_token * tokens / dt / (peak * 1e12 * world), "maxvio": float(vio.mean()),
-                "maxvio_max": float(vio.max()), "seconds": dt}
-        line.update(baselines)
-        baselines = {}
+                "mfu": flops_per_token * tokens / dt / (peak * 1e12 * place.world), "maxvio": float(vio.mean()),
+                "maxvio_max": float(vio.max()), "seconds": dt, **first}
+        first = {}
         done = step + 1 == args.steps
         if (step + 1) % args.eval_every == 0 or done:
-            line.update(evaluate(model, val_x, val_y, nbytes, device, autocast))
-        if main_rank:
-            append_metrics(metrics_path, line)
-            for key, value in line.items():
-                if writer is not None and key != "step":
-                    writer.add_scalar(key, value, step + 1)
-            bar.set_postfix(loss=f"{ce_v:.3f}", tok_s=f"{tokens / dt:,.0f}", maxvio=f"{line['maxvio']:.2f}")
+            line.update(evaluate(objective, val_x, val_y, nbytes, device, autocast))
+        log.write(line)
         if (step + 1) % args.save_every == 0 or done:
-            _save(run_dir, step + 1, model, optimizer, run_args, ledger, tokenizer, args.keep, main_rank, sharded)
-    bar.close()
-    if writer is not None:
-        writer.close()
-    if world > 1:
+            save(run_dir, step + 1, model, optimizer, run_args, ledger, corpus.tokenizer, args.keep, place)
+    log.close()
+    if place.world > 1:
         dist.destroy_process_group()
+    if line and place.main:
+        print(metrics_line(line))
+        print(f"checkpoints: {run_dir}/checkpoints, newest: {run_dir}/latest"
+              + (" (sharded: `leanseek export` writes a Hugging Face folder)" if place.sharded
+                 else " (a Hugging Face model folder)"))
     return line
 
 
-def _save(run_dir, step, model, optimizer, run_args, ledger, tokenizer, keep, main_rank, sharded) -> None:
-    # full (gathered) states: collectives when sharded, so every rank takes part; rank 0 writes
-    _reshard(model)  # the optimizer holds the sharded parameters
-    optimizer_state = full_optimizer_state(model, optimizer)
-    plain = model
-    if sharded:
-        weights = full_model_state(model)
-        if main_rank:
-            with torch.device("meta"):
-                plain = Transformer(model.cfg)
-            plain.load_state_dict(weights, assign=True)
-            plain.rotary.reset()
-    if main_rank:
-        state = {"args": run_args, "rng": rng_state(), "ledger": dataclasses.asdict(ledger)}
-        save_checkpoint(run_dir, step, plain, optimizer_state, state, tokenizer, keep)
+def prepare_model(args, tokenizer: TextTokenizer, resume: Path | None, place: Place) -> tuple[Objective, nn.Module]:
+    """The model, built or loaded (build_model), inside its objective, sharded or replicated over ranks. Returns
+    (the objective, the module a training step calls: see wrap)."""
+    model = build_model(args, tokenizer, resume, place)
+    if args.seq_len > model.cfg.max_position_embeddings:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds max_position_embeddings="
+                         f"{model.cfg.max_position_embeddings}")
+    objective = Objective(model, args.mtp_weight, args.balance_weight)
+    if place.sharded:  # before the optimizer exists: sharding replaces the parameters
+        shard(objective, place)
+    if model.embed_tokens.weight.is_meta:  # a sharded checkpoint's: allocate this rank's shards, then read them
+        from .sharded import load_model_shards  # here: torch.distributed.checkpoint is slow to import
+
+        objective.to_empty(device=place.device)
+        model.rotary.reset(place.device)
+        load_model_shards(resume, model)
+    return objective, wrap(objective, args, place)
+
+
+def largest_over_ranks(value: int, place: Place) -> int:
+    if place.world == 1:
+        return value
+    t = torch.tensor([value], device=place.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
+class Log:
+    """Rank 0 writes each step's metrics line to RUN_DIR/metrics.jsonl (and TensorBoard) and shows a progress bar;
+    lines past `start` that a killed run logged are dropped first."""
+
+    def __init__(self, run_dir: Path, args, start: int, main: bool):
+        self.path, self.main, self.writer = run_dir / "metrics.jsonl", main, None
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            truncate_metrics(self.path, start)
+            if args.tensorboard:
+                self.writer = tensorboard_writer(run_dir, start)
+        self.bar = tqdm(initial=start, total=args.steps, desc=args.stage,
+                        disable=None if main else True)  # None: shown on terminals only
+
+    def write(self, line: dict) -> None:
+        self.bar.update()
+        if not self.main:
+            return
+        append_metrics(self.path, line)
+        if self.writer is not None:
+            for key, value in line.items():
+                if key != "step":
+                    self.writer.add_scalar(key, value, line["step"])
+        self.bar.set_postfix(loss=f"{line['ce']:.3f}", tok_s=f"{line['tokens_per_s']:,.0f}",
+                             maxvio=f"{line['maxvio']:.2f}")
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def tensorboard_writer(run_dir: Path, start: int):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install 'leanseek[tensorboard]'") from None
+    return SummaryWriter(run_dir / "tensorboard", purge_step=start + 1)  # drop what a killed run logged past it
+
+
+def save(run_dir: Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer, run_args: dict,
+         ledger: Ledger, tokenizer: TextTokenizer, keep: int, place: Place) -> None:
+    """Checkpoint `step`: sharded, every rank writing its own shards; else rank 0 writing the whole model."""
+    state = {"args": run_args, "rng": rng_state(), "ledger": dataclasses.asdict(ledger)}
+    if place.sharded:
+        save_sharded_checkpoint(run_dir, step, model, optimizer, state, tokenizer, keep)
+    elif place.main:
+        save_checkpoint(run_dir, step, model, full_optimizer_state(model, optimizer), state, tokenizer, keep)
+    if place.main:
         write_json(run_dir / "cost.json", ledger.summary())
-    if dist.is_initialized():
+    if place.world > 1:
         dist.barrier()
-
-
-def _reshard(model: Transformer) -> None:
-    """Under FSDP2 each block is its own root, and a root keeps its gathered parameters after a forward that no
-    backward follows (an evaluation): shard them again."""
-    for block in [*model.layers, *model.mtp]:
-        if hasattr(block, "reshard"):
-            block.reshard()
 
 
 def append_metrics(path: Path, line: dict) -> None:

@@ -1,0 +1,69 @@
+"""Where a subcommand runs: one policy for every command that runs a model.
+
+    add_device_argument(parser)           # --device auto|cpu|cuda|cuda:N, default auto
+    device = pick_device(args.device)     # under torchrun, auto is cuda:LOCAL_RANK
+    model.to(device, inference_dtype(device))
+
+auto is the first GPU when there is one (under torchrun, the GPU of this process's LOCAL_RANK), else the CPU. On a
+GPU, float32 matmuls run in TF32 (about 8x the float32 rate on A100/H100, with a 10-bit mantissa that training and
+inference tolerate), and inference runs in bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+# dollars per device-hour when the user gives no --price: DeepSeek's own figure for an H800 (V3 report, Table 1),
+# and roughly what a few cloud CPU cores cost
+GPU_PRICE, CPU_PRICE = 2.0, 0.05
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", metavar="auto|cpu|cuda[:N]",
+                        help="where to run: auto (the first GPU when there is one, else the CPU), cpu, cuda or "
+                             "cuda:N (default: auto)")
+
+
+def pick_device(spec: str = "auto", local_rank: int | None = None) -> torch.device:
+    """The device `spec` names. auto: cuda:LOCAL_RANK under torchrun (or `local_rank` when given), the first GPU
+    otherwise, the CPU when there is no GPU. Turns on TF32 for float32 matmuls on CUDA."""
+    if local_rank is None and "LOCAL_RANK" in os.environ:
+        local_rank = int(os.environ["LOCAL_RANK"])
+    if spec == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        spec = f"cuda:{local_rank or 0}"
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N") from e
+    if device.type == "cpu":
+        if device.index not in (None, 0):
+            raise ValueError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise ValueError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {spec!r}: no CUDA GPU is available (torch {torch.__version__}, "
+                         f"CUDA build: {torch.version.cuda or 'none'}); use --device cpu")
+    index = device.index if device.index is not None else (local_rank or 0)
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"--device {spec!r}: GPU {index} is not there ({torch.cuda.device_count()} visible)")
+    torch.set_float32_matmul_precision("high")  # float32 matmuls in TF32 (torch.backends.cuda.matmul.allow_tf32)
+    return torch.device("cuda", index)
+
+
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """The dtype the engine runs a model in: bf16 on GPUs with native bf16 matmuls (Ampere and later), float32
+    elsewhere (CPU bf16 matmuls are slower than float32 ones on most CPUs)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        return torch.bfloat16
+    return torch.float32
+
+
+def default_price(device: torch.device) -> float:
+    """Dollars per device-hour when none is given: the one place default prices live."""
+    return GPU_PRICE if torch.device(device).type == "cuda" else CPU_PRICE

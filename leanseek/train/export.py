@@ -1,0 +1,51 @@
+"""`leanseek export RUN_OR_CHECKPOINT --out DIR`: a training checkpoint as a Hugging Face folder (config.json,
+safetensors, tokenizer, generation_config.json) that transformers, vLLM and SGLang load.
+
+A whole-model checkpoint already is one (less its optimizer state); a sharded run's checkpoint (model-shards/) is
+not, and this is the one step that gathers its weights, in a single process, after training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..data import TextTokenizer
+from ..model.hf import load_hf, save_hf
+from .checkpoint import checkpoint_of, save_tokenizer
+from .integrity import seal
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="RUN_OR_CHECKPOINT",
+                   help="a run folder (its newest checkpoint is exported) or a checkpoint folder, sharded or not")
+    p.add_argument("--out", required=True, help="the Hugging Face folder to write (absent or empty)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the weights' dtype (the routing bias stays float32); default: float32, as trained")
+
+
+def run(args) -> Path:
+    source = checkpoint_of(Path(args.model))
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out}: exists and is not an empty folder; name a new one")
+    model = load_hf(source)
+    # built beside the destination and renamed into place: an interrupted export leaves no half-written folder
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_hf(model, tmp, dtype=getattr(torch, args.dtype))
+        if (source / "tokenizer.json").is_file():
+            save_tokenizer(tmp, TextTokenizer.load(source))
+        seal(tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"exported {source} to {out} ({args.dtype}): a Hugging Face model folder")
+    return out
