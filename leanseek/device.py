@@ -1,7 +1,7 @@
 """Where a subcommand runs: one policy for every command that runs a model.
 
-    add_device_argument(parser)           # --device auto|cpu|cuda|cuda:N, default auto
-    device = pick_device(args.device)     # under torchrun, auto is cuda:LOCAL_RANK
+    add_device_arguments(parser)          # --device auto|cpu|cuda|cuda:N (default auto), --threads
+    device = use_device(args)             # under torchrun, auto is cuda:LOCAL_RANK
     model.to(device, inference_dtype(device))
 
 auto is the first GPU when there is one (under torchrun, the GPU of this process's LOCAL_RANK), else the CPU. On a
@@ -25,6 +25,19 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", metavar="auto|cpu|cuda[:N]",
                         help="where to run: auto (the first GPU when there is one, else the CPU), cpu, cuda or "
                              "cuda:N (default: auto)")
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device and --threads: where a command runs."""
+    add_device_argument(parser)
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+
+
+def use_device(args: argparse.Namespace, local_rank: int | None = None) -> torch.device:
+    """The device of args.device (see pick_device), after setting torch's CPU threads to args.threads."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return pick_device(args.device, local_rank)
 
 
 def pick_device(spec: str = "auto", local_rank: int | None = None) -> torch.device:

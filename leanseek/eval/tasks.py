@@ -11,13 +11,12 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from ..atomic import write_text_atomic
 from ..console import table
 from ..data.chat import encode_chat
 from ..data.tokenizer import END_OF_TURN, TextTokenizer
-from ..device import add_device_argument, inference_dtype, pick_device
+from ..device import add_device_arguments, inference_dtype, use_device
 from ..infer.engine import Engine
 from ..model.hf import load_hf
 from ..tasks import Problem, Task, Verdict, get_task
@@ -111,15 +110,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the metrics here")
     p.add_argument("--show", type=int, default=3, help="print this many greedy completions")
-    add_device_argument(p)
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    add_device_arguments(p)
 
 
 def run(args) -> dict:
     """Evaluate, print the table (and --show completions), write --json; returns the metrics."""
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = use_device(args)
     task = get_task(args.task)
     path = checkpoint_of(Path(args.model))
     model, tokenizer = load_hf(path, dtype=inference_dtype(device), device=device), TextTokenizer.load(path)

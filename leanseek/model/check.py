@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from ..device import add_device_argument, pick_device
+from ..device import add_device_arguments, use_device
 from .config import human
 from .hf import load_hf
 
@@ -21,11 +21,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a DeepseekV3/V2ForCausalLM folder (config.json + safetensors)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=64)
-    add_device_argument(p)
+    add_device_arguments(p)
 
 
 def run(args) -> None:
-    device = pick_device(args.device)
+    device = use_device(args)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model = load_hf(args.model, device=device)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ..console import metrics_line
 from ..data.tokenizer import END_OF_TURN, TextTokenizer
 from ..eval.tasks import evaluate, prompt_ids
-from ..device import add_device_argument, default_price, pick_device
+from ..device import add_device_arguments, default_price, use_device
 from ..infer.engine import Engine
 from ..model.hf import load_hf
 from ..tasks import get_task
@@ -80,8 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "accumulated over as many passes as the batch needs, to the same result")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="bf16 autocast for sampling and the update; auto: on GPUs, not on CPUs")
-    add_device_argument(g)
-    g.add_argument("--threads", type=int)
+    add_device_arguments(g)
 
 
 @dataclasses.dataclass
@@ -220,9 +219,7 @@ def run(args) -> dict:
                          "for the same prompt, so --group must be at least 2")
     if args.micro_batch_tokens < 1:
         raise ValueError(f"--micro-batch-tokens {args.micro_batch_tokens}: must be at least 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = use_device(args)
     task = get_task(args.task)
     run_dir = Path(args.out)
     init = checkpoint_of(Path(args.init))

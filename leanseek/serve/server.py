@@ -9,12 +9,11 @@ import threading
 import time
 from pathlib import Path
 
-import torch
 import uvicorn
 
 from ..data.chat import chat_format
 from ..data.tokenizer import TextTokenizer
-from ..device import add_device_argument, inference_dtype, pick_device
+from ..device import add_device_arguments, inference_dtype, use_device
 from ..infer.engine import Engine
 from ..model.hf import load_hf
 from ..train.checkpoint import checkpoint_of
@@ -31,14 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=1024, help="tokens per sequence, prompt and reply")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait beyond --max-batch (then 429)")
     p.add_argument("--compile", action="store_true", help="compiled decode steps (faster after a warm-up)")
-    add_device_argument(p)
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    add_device_arguments(p)
 
 
 def run(args) -> None:
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = use_device(args)
     path = checkpoint_of(Path(args.model))
     model = load_hf(path, dtype=inference_dtype(device), device=device)
     tokenizer = TextTokenizer.load(path, strict=False)  # any DeepSeek-architecture folder

@@ -9,11 +9,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 
 from ..data.chat import encode_chat
 from ..data.tokenizer import END_OF_TURN, END_THINK, THINK, TextTokenizer
-from ..device import add_device_argument, inference_dtype, pick_device
+from ..device import add_device_arguments, inference_dtype, use_device
 from ..infer.engine import Engine
 from ..model.hf import load_hf
 from ..train.checkpoint import checkpoint_of
@@ -117,14 +116,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--max-len", type=int, default=1024, help="tokens of the whole conversation")
-    add_device_argument(p)
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    add_device_arguments(p)
 
 
 def run(args) -> None:
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = use_device(args)
     path = checkpoint_of(Path(args.model))
     model, tokenizer = load_hf(path, dtype=inference_dtype(device), device=device), TextTokenizer.load(path)
     engine = Engine(model, tokenizer, max_batch=1, max_len=args.max_len)

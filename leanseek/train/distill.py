@@ -17,7 +17,7 @@ import torch
 
 from ..atomic import write_text_atomic
 from ..data.tokenizer import TextTokenizer
-from ..device import add_device_argument, inference_dtype, pick_device
+from ..device import add_device_arguments, inference_dtype, use_device
 from ..eval.tasks import complete, evaluate
 from ..infer.engine import Engine
 from ..model.config import ModelConfig
@@ -42,8 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-problems", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
-    add_device_argument(p)
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    add_device_arguments(p)
 
 
 def traces(teacher: Path, task, args, device: torch.device) -> list[list[dict]]:
@@ -68,9 +67,7 @@ def run(args) -> dict:
     from .loop import add_arguments as sft_arguments
     from .loop import run as train
 
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = use_device(args)
     task = get_task(args.task)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from ..atomic import write_text_atomic
 from ..console import metrics_line
 from ..data import TextTokenizer, load_split
-from ..device import add_device_argument, default_price, pick_device
+from ..device import add_device_arguments, default_price, use_device
 from ..model.config import ModelConfig
 from ..model.hf import load_hf, read_config
 from ..model.moe import Experts
@@ -76,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser, stage: str = "pretrain") -> None:
     g.add_argument("--optimizer-impl", default="auto", choices=["auto", "fused", "foreach", "for-loop"],
                    help="AdamW's kernels: fused (auto's choice on CPUs and CUDA), foreach or for-loop")
     g = p.add_argument_group("runtime")
-    add_device_argument(g)
+    add_device_arguments(g)
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="bf16 autocast; auto: on GPUs, not on CPUs (faster only with AMX)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -91,7 +91,6 @@ def add_arguments(p: argparse.ArgumentParser, stage: str = "pretrain") -> None:
     g.add_argument("--peak-tflops", type=float, help="per-device peak for MFU (default: detected)")
     g.add_argument("--price", type=float, help="dollars per device-hour (default: leanseek.device's price for the "
                                                "device)")
-    g.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -190,12 +189,10 @@ class Place:
 
 def setup(args) -> Place:
     """Threads, device and, under torchrun, the process group."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return Place(0, 1, pick_device(args.device), False)
-    device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+        return Place(0, 1, use_device(args), False)
+    device = use_device(args, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
