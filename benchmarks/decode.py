@@ -2,10 +2,12 @@
 side by side in one run: tokens/s at batch 1, and aggregate tokens/s at 1, 4, 16 and 64 concurrent sequences.
 
     .venv/bin/python benchmarks/decode.py [--model RUN_DIR/latest | --preset tiny] [--new-tokens 64] [--threads 2]
+                                          [--device auto|cpu|cuda[:N]] [--no-compile]
 
-Greedy decoding of prompts of 32 tokens, a fixed number of new tokens (no early stop), float32. leanseek runs
-compiled (Engine(compile=True); compilation happens in an untimed warm-up) and eagerly. Also prints the KV-cache
-bytes per token of both: MLA's latent cache against the full keys and values transformers keeps.
+Greedy decoding of prompts of 32 tokens, a fixed number of new tokens (no early stop), float32 (TF32 matmuls on a
+GPU). leanseek runs compiled (Engine(compile=True); compilation happens in an untimed warm-up; --no-compile skips
+it, as it takes minutes on a GPU) and eagerly. Also prints the KV-cache bytes per token of both: MLA's latent cache
+against the full keys and values transformers keeps.
 """
 
 import argparse
@@ -13,6 +15,8 @@ import tempfile
 import time
 
 import torch
+
+from leanseek.device import add_device_argument, pick_device
 
 
 def timed(fn) -> float:
@@ -29,7 +33,10 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--batches", default="1,4,16,64")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-compile", action="store_true", help="time the eager engine only")
+    add_device_argument(ap)
     args = ap.parse_args()
+    device = pick_device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -45,22 +52,24 @@ def main() -> None:
         if path is None:
             leanseek.save_hf(leanseek.Transformer(leanseek.ModelConfig.preset(args.preset)), tmp)
             path = tmp
-        ours = leanseek.load_hf(path)
-        theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        ours = leanseek.load_hf(path, device=device)
+        theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     cfg = ours.cfg
     batches = [int(b) for b in args.batches.split(",")]
-    engines = {"compiled": leanseek.Engine(ours, max_batch=max(batches), max_len=args.prompt_len + args.new_tokens,
-                                           compile=True),
-               "eager": leanseek.Engine(ours, max_batch=max(batches), max_len=args.prompt_len + args.new_tokens)}
+    engines = {"eager": leanseek.Engine(ours, max_batch=max(batches), max_len=args.prompt_len + args.new_tokens)}
+    if not args.no_compile:
+        engines["compiled"] = leanseek.Engine(ours, max_batch=max(batches),
+                                              max_len=args.prompt_len + args.new_tokens, compile=True)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} threads"
     print(f"# greedy decode, {cfg.param_counts()}, prompt {args.prompt_len} + {args.new_tokens} new tokens, "
-          f"float32, {args.threads} threads, torch {torch.__version__}, transformers {transformers.__version__}")
+          f"float32, {where}, torch {torch.__version__}, transformers {transformers.__version__}")
     report = engines["eager"].memory_report()
     print(f"# KV cache per token: leanseek {report['mla_bytes_per_token']:,} bytes (latent), standard attention "
           f"with the same heads {report['mha_bytes_per_token']:,} bytes (transformers caches that): "
           f"{report['reduction']:.1%} smaller")
     print(f"{'sequences':>9} {'leanseek tok/s':>15} {'(eager)':>8} {'transformers tok/s':>19} {'speedup':>8}")
     for batch in batches:
-        prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_len))
+        prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_len)).to(device)
         new = batch * args.new_tokens
 
         def run(engine):
@@ -74,12 +83,14 @@ def main() -> None:
                                        max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                        do_sample=False, pad_token_id=0)[:, args.prompt_len:]
 
-        # warm-up (and compilation), and a check that all three decode the same tokens
-        same = run(engines["compiled"]) == run(engines["eager"]) == run_theirs().tolist()
-        t_ours = min(timed(lambda: run(engines["compiled"])) for _ in range(2))
+        # warm-up (and compilation), and a check that all of them decode the same tokens
+        outs = [run(engine) for engine in engines.values()]
+        same = all(o == outs[0] for o in outs) and outs[0] == run_theirs().tolist()
         t_eager = min(timed(lambda: run(engines["eager"])) for _ in range(2))
-        t_theirs = min(timed(run_theirs) for _ in range(2))
-        print(f"{batch:>9} {new / t_ours:>15,.0f} {new / t_eager:>8,.0f} {new / t_theirs:>19,.0f} "
+        t_ours = min(timed(lambda: run(engines["compiled"])) for _ in range(2)) if "compiled" in engines else t_eager
+        t_theirs = min(timed(lambda: run_theirs().tolist()) for _ in range(2))  # tolist: waits for the GPU
+        compiled = f"{new / t_ours:>15,.0f}" if "compiled" in engines else f"{'-':>15}"
+        print(f"{batch:>9} {compiled} {new / t_eager:>8,.0f} {new / t_theirs:>19,.0f} "
               f"{t_theirs / t_ours:>7.2f}x{'' if same else '  (outputs differ)'}", flush=True)
 
 

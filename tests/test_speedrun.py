@@ -1,15 +1,18 @@
 """`leanseek speedrun --preset micro`: every stage's output, every section of the report with the run's own
-figures, stages skipped when complete and redone when their output is missing, and the presets' plans."""
+figures, stages skipped when complete and redone when their output is missing, each stage called with what its
+command parses to, dry runs (in their own folder, at the preset's shapes), and the presets' plans."""
 
 import json
 import re
+import shlex
 
 import pytest
 
-from leanseek.cli import main
+from leanseek.cli import main, parser
 from leanseek.data.instructions import GREETINGS
 from leanseek.eval.report import SECTIONS
-from leanseek.speedrun import SPEEDRUNS, Stage, stages
+from leanseek.model.config import ModelConfig
+from leanseek.speedrun import SPEEDRUNS, Stage, dry_run, stages
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +72,7 @@ def test_report_has_every_section_with_the_runs_figures(micro):
     assert f"| after 30 steps | {pretrain[-1]['val_bpb']:.3f} |" in report
     cfg = json.loads((micro / "rl" / "latest" / "config.json").read_text())
     assert f"hidden {cfg['hidden_size']}" in report
-    assert re.search(r"\| \*\*total\*\* \| \*\*\d+ s\*\* \|", report)
+    assert re.search(r"\| \*\*total\*\* \| \*\*[\d.]+ (s|min)\*\* \|", report)
     assert "DeepSeek-V3 pre-training (14.8T tokens)" in report and "| pre-training | 2,664K |" in report
     assert "leanseek pretrain --data" in report and "stages ran at commit" in report
     assert f"`leanseek speedrun --preset micro --out {micro}`" in report
@@ -98,8 +101,123 @@ def test_a_run_folder_continues_only_with_its_own_settings(micro, capsys):
         assert "holds a speedrun with other settings" in capsys.readouterr().err
 
 
+def test_a_dry_run_checks_every_stage_in_its_own_folder(micro, capsys):
+    """--dry-run: every stage for two steps at the preset's model, vocabulary and sequence lengths, in
+    RUNS_DIR/dry-run, leaving the run in RUNS_DIR untouched; each stage's time printed."""
+    real = {p: p.stat().st_mtime_ns for p in micro.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    main(["speedrun", "--preset", "micro", "--dry-run", "--out", str(micro)])
+    printed = capsys.readouterr().out
+    dry = micro / "dry-run"
+    assert {p: p.stat().st_mtime_ns for p in real} == real
+    preset = SPEEDRUNS["micro"]
+    plan = stages(dry_run(preset, 1, "cpu"), dry)
+    assert all(s.done() for s in plan)
+    for run, seq_len in (("pretrain", 128), ("sft", 128), ("rl", None)):
+        state = json.loads((dry / run / "latest" / "trainer_state.json").read_text())
+        assert state["step"] == state["args"]["steps"] == 2
+        if seq_len:
+            assert state["args"]["seq_len"] == seq_len and state["args"]["batch_size"] == 2
+    cfg = json.loads((dry / "rl" / "latest" / "config.json").read_text())
+    nano = ModelConfig.preset(preset["model"])
+    assert cfg["vocab_size"] == preset["data"]["vocab_size"] and cfg["hidden_size"] == nano.hidden_size
+    assert json.loads((dry / "eval-rl.json").read_text())["metrics"]["all"]["n"] == 4
+    timings = json.loads((dry / "timings.json").read_text())
+    assert list(timings) == [s.name for s in plan]
+    for name, t in timings.items():
+        assert f"] {name}: done in {t['seconds']:.1f} s" in printed
+        assert re.search(rf"^{name} +{t['seconds']:.1f}$", printed, re.M)
+    assert "dry run of speedrun micro passed" in printed
+    assert f"`leanseek speedrun --preset micro --dry-run --out {micro}`" in (dry / "report.md").read_text()
+
+
+def test_a_dry_runs_corpus_is_the_first_characters_of_each_source():
+    """`leanseek data --max-mb-per-source`: each source read up to the document that reaches the limit."""
+    from leanseek.data import collect
+
+    whole, _ = collect(["builtin:python-topics"])
+    docs, stats = collect(["builtin:python-topics", "builtin:python-topics"], max_chars=20_000)
+    n = stats[0].documents
+    assert [s.documents for s in stats] == [n, n] and docs == whole[:n] * 2
+    assert sum(map(len, whole[:n - 1])) < 20_000 <= sum(map(len, whole[:n])) == stats[0].chars
+
+
+def test_a_dry_run_empties_only_a_dry_runs_folder(tmp_path, capsys):
+    (tmp_path / "dry-run").mkdir()
+    (tmp_path / "dry-run" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="2"):
+        main(["speedrun", "--preset", "micro", "--dry-run", "--out", str(tmp_path)])
+    assert "is not a dry run's folder" in capsys.readouterr().err
+    assert (tmp_path / "dry-run" / "notes.txt").read_text() == "mine"
+
+
+def test_a_multi_device_stage_runs_its_command_under_torchrun(micro, tmp_path):
+    """gpu-8's dry run on a CPU in small: pretraining in 2 processes under torchrun with FSDP and gradient
+    accumulation, launched as the command the report shows."""
+    preset = {**SPEEDRUNS["micro"], "devices": 8,
+              "pretrain": {**SPEEDRUNS["micro"]["pretrain"], "micro_batch_size": 4, "fsdp": True}}
+    (tmp_path / "data").symlink_to(micro / "data")
+    stage = stages(dry_run(preset, 2, "cpu"), tmp_path)[1]
+    assert stage.command().startswith("torchrun --nproc_per_node=2 -m leanseek pretrain ")
+    stage.run()
+    state = json.loads((tmp_path / "pretrain" / "latest" / "trainer_state.json").read_text())
+    assert state["step"] == 2
+    assert {k: state["args"][k] for k in ("batch_size", "micro_batch_size", "fsdp")} == \
+        {"batch_size": 4, "micro_batch_size": 1, "fsdp": True}
+
+
+@pytest.mark.parametrize("name", list(SPEEDRUNS))
+def test_each_stage_runs_with_what_its_shown_command_parses_to(name, tmp_path):
+    """A stage calls its subcommand's run() with the arguments `leanseek` would parse from the command the plan,
+    timings.json and report.md show, for every preset and its dry run."""
+    for preset in (SPEEDRUNS[name], dry_run(SPEEDRUNS[name], min(SPEEDRUNS[name]["devices"], 2), "cpu")):
+        plan = stages(preset, tmp_path / "my runs", ["builtin", "my notes/"], threads=2)
+        assert [s.subcommand for s in plan] == ["data", "pretrain", None, "sft", "eval", "rl", "eval", None]
+        for stage in plan:
+            if stage.subcommand:
+                argv = shlex.split(stage.command())
+                assert vars(stage.namespace()) == vars(parser().parse_args(argv[argv.index("leanseek") + 1:]))
+
+
+def test_an_option_its_subcommand_lacks_is_named(tmp_path):
+    stage = Stage("pretrain", tmp_path, "pretrain", ["--data", "d", "--out", "o"], {"batch_sise": 4})
+    with pytest.raises(ValueError, match="leanseek pretrain has no option --batch-sise"):
+        stage.namespace()
+
+
+@pytest.mark.parametrize("preset,processes", [("gpu-1", 1), ("gpu-8", 2)])
+def test_a_gpu_presets_dry_run_keeps_its_shapes(preset, processes, capsys, tmp_path):
+    """On a CPU, gpu-8's dry run trains in 2 processes under torchrun, with FSDP as the real run, and both train
+    in bf16 autocast as on GPUs."""
+    main(["speedrun", "--preset", preset, "--dry-run", "--plan", "--out", str(tmp_path / "r")])
+    printed = capsys.readouterr().out
+    real = SPEEDRUNS[preset]
+    pretrain = next(line for line in printed.splitlines() if " pretrain --data" in line)
+    assert f"--preset {real['model']} " in pretrain and f"--set vocab_size={real['data']['vocab_size']}" in pretrain
+    assert f"--seq-len {real['pretrain']['seq_len']} " in pretrain and "--steps 2 " in pretrain
+    assert pretrain.strip().startswith(f"torchrun --nproc_per_node={processes}" if processes > 1 else "leanseek")
+    assert ("--fsdp" in pretrain) == real["pretrain"].get("fsdp", False)
+    assert "--dtype bfloat16" in pretrain  # autocast, as on the preset's GPUs
+    assert f"{tmp_path / 'r' / 'dry-run'}/pretrain" in pretrain
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_the_gpu_1_dry_run_passes_on_a_cpu(tmp_path, capsys):
+    main(["speedrun", "--preset", "gpu-1", "--dry-run", "--out", str(tmp_path)])
+    assert "dry run of speedrun gpu-1 passed" in capsys.readouterr().out
+    dry = tmp_path / "dry-run"
+    small = ModelConfig.preset("small")
+    cfg = json.loads((dry / "rl" / "latest" / "config.json").read_text())
+    assert cfg["vocab_size"] == 32768
+    assert all(cfg[k] == getattr(small, k) for k in ("hidden_size", "num_hidden_layers", "kv_lora_rank",
+                                                     "qk_rope_head_dim", "n_routed_experts"))
+    state = json.loads((dry / "pretrain" / "latest" / "trainer_state.json").read_text())
+    assert state["args"]["seq_len"] == 1024 and state["step"] == 2
+
+
 def test_an_unfinished_training_stage_is_not_complete(tmp_path):
-    stage = Stage("pretrain", tmp_path / "pretrain", ["pretrain"])
+    stage = Stage("pretrain", tmp_path / "pretrain", "pretrain")
     assert not stage.done()
     step = tmp_path / "pretrain" / "checkpoints" / "step-000010"
     step.mkdir(parents=True)

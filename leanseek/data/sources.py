@@ -123,8 +123,9 @@ def documents(spec: str, key: str, stats: SourceStats) -> Iterator[str]:
         yield from text_files(path, stats)
 
 
-def collect(specs: list[str], key: str = "text") -> tuple[list[str], list[SourceStats]]:
-    """All documents of all sources, and per-source counts. Raises DataError for a source that yields nothing."""
+def collect(specs: list[str], key: str = "text", max_chars: float | None = None) -> tuple[list[str], list[SourceStats]]:
+    """All documents of all sources (or each source's first documents up to about `max_chars` characters), and
+    per-source counts. Raises DataError for a source that yields nothing."""
     from .builtin import BUILTINS
 
     docs, all_stats = [], []
@@ -138,6 +139,8 @@ def collect(specs: list[str], key: str = "text") -> tuple[list[str], list[Source
                 docs.append(doc)
                 stats.documents += 1
                 stats.chars += len(doc)
+                if max_chars is not None and stats.chars >= max_chars:
+                    break
         if not stats.documents:
             why = f"; skipped {stats.skipped}: {'; '.join(stats.skipped_examples)}" if stats.skipped else ""
             raise DataError(f"source {spec!r} gave no text{why}")

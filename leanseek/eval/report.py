@@ -137,6 +137,8 @@ def speedrun_command(out: Path, name: str) -> str:
 
     settings = read_json(out / "speedrun.json") or {}
     extra = [x for key in ("source", "chats") if settings.get(key) for x in (f"--{key}", *settings[key])]
+    if settings.get("dry_run"):  # a dry run's folder is RUNS_DIR/dry-run
+        extra, out = [*extra, "--dry-run"], out.parent
     return shlex.join(["leanseek", "speedrun", "--preset", name, *extra, "--out", str(out)])
 
 

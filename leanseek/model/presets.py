@@ -25,20 +25,24 @@ PRESETS: dict[str, dict] = {
         first_k_dense_replace=1, routed_scaling_factor=1.0, max_position_embeddings=1024,
         num_nextn_predict_layers=1,
     ),
-    # ~85M parameters: one GPU. The same proportions as tiny.
+    # ~99M parameters, 61M active: one GPU. tiny's proportions, except attention: the GPU presets take V3's own
+    # head shapes (latent 512, RoPE key 64, 128 + 64 query/key and 128 value dims per head), the only ones the
+    # fast MLA decode kernels serve (FlashMLA, FlashInfer/TRT-LLM and CUTLASS MLA; vLLM accepts no other latent
+    # + RoPE width), so a trained model can be served by vLLM and SGLang at full speed.
     "small": dict(
         vocab_size=32768, hidden_size=512, intermediate_size=640, moe_intermediate_size=128,
-        num_hidden_layers=8, num_attention_heads=8, q_lora_rank=256, kv_lora_rank=128,
-        qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+        num_hidden_layers=8, num_attention_heads=8, q_lora_rank=256, kv_lora_rank=512,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
         n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
         first_k_dense_replace=1, routed_scaling_factor=1.0, max_position_embeddings=2048,
         num_nextn_predict_layers=1,
     ),
-    # ~0.89B parameters, 0.21B active: eight GPUs. 64 experts, top-6 within the best 4 of 8 groups (V3's routing).
+    # ~0.95B parameters, 0.27B active: eight GPUs. 64 experts, top-6 within the best 4 of 8 groups (V3's routing);
+    # V3's attention head shapes, as small's (DeepSeek-V2-Lite's 16 heads at half its width).
     "base": dict(
         vocab_size=32768, hidden_size=1024, intermediate_size=2048, moe_intermediate_size=256,
-        num_hidden_layers=16, num_attention_heads=16, q_lora_rank=512, kv_lora_rank=256,
-        qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+        num_hidden_layers=16, num_attention_heads=16, q_lora_rank=512, kv_lora_rank=512,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
         n_routed_experts=64, n_shared_experts=1, num_experts_per_tok=6, n_group=8, topk_group=4,
         first_k_dense_replace=1, routed_scaling_factor=2.5, max_position_embeddings=4096,
         num_nextn_predict_layers=1,
