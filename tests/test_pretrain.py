@@ -1,5 +1,5 @@
-"""leanseek pretrain: exact resume after SIGKILL (whole and sharded checkpoints, the sharded run killed mid-save), DDP and FSDP equivalence, the bias
-update, HF-loadable checkpoints and exports."""
+"""leanseek pretrain: exact resume after SIGKILL (whole and sharded checkpoints, the sharded run killed mid-save),
+DDP and FSDP equivalence, the bias update, HF-loadable checkpoints and exports."""
 
 import json
 import os
