@@ -274,3 +274,46 @@ def test_sharded_run_resumes_exactly_after_sigkill(data_dir, sharded, tmp_path):
     torchrun(steady(data_dir, out, 6, "--fsdp", "--optimizer-impl", "fused", "--save-every", "1"))
     straight, resumed = losses(sharded / "straight"), losses(out)
     assert resumed == straight
+
+
+def test_sharded_bf16_gathers_in_bf16_and_matches_one_process(data_dir, tmp_path):
+    """--fsdp --dtype bfloat16: FSDP's mixed precision (bf16 gathers, float32 reductions; no autocast copy of every
+    weight held per rank) trains as one process under bf16 autocast does, to bf16's precision."""
+    bf16 = ("--dtype", "bfloat16")
+    run(steady(data_dir, tmp_path / "one", 4, *bf16))
+    torchrun(steady(data_dir, tmp_path / "two", 4, "--fsdp", *bf16))
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for step in one:
+        assert two[step][0] == pytest.approx(one[step][0], rel=2e-3)
+
+
+def test_sharding_in_bf16_keeps_the_router_in_float32():
+    """Under FSDP's mixed precision each block computes with bf16 copies of its weights, except the routers, whose
+    own units gather in float32 (V3 report section 3.3)."""
+    import torch.distributed as dist
+
+    from conftest import small_config
+    from leanseek.model.moe import Router
+    from leanseek.model.transformer import Transformer
+    from leanseek.train.loop import Objective, Place, shard
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{29700 + os.getpid() % 200}", rank=0,
+                            world_size=1)
+    try:
+        model = Transformer(small_config(num_nextn_predict_layers=1)).train()
+        objective = Objective(model, 0.3, 1e-4)
+        shard(objective, Place(0, 1, torch.device("cpu"), True), bf16=True)
+        seen = {}
+        hooks = [m.register_forward_pre_hook(lambda m, a, name=n: seen.setdefault(name, m.weight.dtype) and None)
+                 for n, m in model.named_modules() if isinstance(m, Router)]
+        hooks.append(model.layers[-1].self_attn.kv_a_proj_with_mqa.register_forward_pre_hook(
+            lambda m, a: seen.setdefault("attention", m.weight.dtype) and None))
+        objective(*[torch.randint(0, model.cfg.vocab_size, (2, 16))] * 2)[0].backward()
+        for h in hooks:
+            h.remove()
+        routers = [dtype for name, dtype in seen.items() if name != "attention"]
+        assert routers and all(d == torch.float32 for d in routers) and seen["attention"] == torch.bfloat16, seen
+        assert all(p.grad.dtype == torch.float32 for p in objective.parameters() if p.grad is not None)
+    finally:
+        dist.destroy_process_group()

@@ -31,7 +31,7 @@ from ..data import TextTokenizer, load_split
 from ..device import add_device_arguments, default_price, use_device
 from ..model.config import ModelConfig
 from ..model.hf import load_hf, read_config
-from ..model.moe import Experts
+from ..model.moe import Experts, Router
 from ..model.transformer import Transformer
 from .balance import max_violation, update_correction_bias
 from .checkpoint import (checkpoint_of, full_optimizer_state, is_sharded, latest_checkpoint, restore, rng_state,
@@ -232,20 +232,30 @@ def build_model(args, tokenizer: TextTokenizer, resume: Path | None, place: Plac
     return Transformer(cfg).to("cpu" if place.sharded else place.device).train()
 
 
-def shard(objective: Objective, place: Place) -> None:
+def shard(objective: Objective, place: Place, bf16: bool = False) -> None:
     """FSDP2 as torchtitan applies it: each decoder block and MTP module is a unit (all-gathered just before its
     forward and again for its backward, freed after each), and the objective is the root unit, holding the rest
-    (embedding, final norm, output head). Parameters, gradients and optimizer state are then all sharded."""
+    (embedding, final norm, output head). Parameters, gradients and optimizer state are then all sharded.
+
+    bf16: the units gather their parameters in bf16 (FSDP's mixed precision; gradients reduced in float32). Under
+    autocast alone each rank would keep a bf16 copy of every gathered weight, saved for the backward, until the
+    backward: a whole model's worth. The routers gather in float32 (V3 report section 3.3)."""
     # imported here: slow to import, and needed only when sharding
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(place.device.type, (place.world,))
     model = objective.model
+    compute = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    if bf16:
+        for module in model.modules():
+            if isinstance(module, Router):
+                fully_shard(module, mesh=mesh, reshard_after_forward=True,
+                            mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
     for unit in [*model.layers, *model.mtp]:
-        fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True, mp_policy=compute)
     # reshard_after_forward on the root too: an evaluation (a forward with no backward) then leaves nothing gathered
-    fully_shard(objective, mesh=mesh, reshard_after_forward=True)
+    fully_shard(objective, mesh=mesh, reshard_after_forward=True, mp_policy=compute)
     register_fsdp_forward_method(objective, "logits")
 
 
@@ -337,6 +347,11 @@ def train_step(forward: nn.Module, objective: Objective, optimizer: torch.optim.
     return sums.tolist(), load, float(grad_norm)
 
 
+def uses_bf16(args, device: torch.device) -> bool:
+    """--dtype: bf16 (autocast; under FSDP, also bf16 gathers) when asked, or by default on GPUs."""
+    return args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
+
+
 def run(args) -> dict:
     """Train; returns the final metrics line. See `leanseek pretrain --help`."""
     place = setup(args)
@@ -348,7 +363,7 @@ def run(args) -> dict:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of world size x --micro-batch-size "
                          f"= {place.world} x {micro}")
     accumulation = args.batch_size // (place.world * micro)
-    use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
+    use_bf16 = uses_bf16(args, device)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
 
     run_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "run"}
@@ -427,7 +442,7 @@ def prepare_model(args, tokenizer: TextTokenizer, resume: Path | None, place: Pl
                          f"{model.cfg.max_position_embeddings}")
     objective = Objective(model, args.mtp_weight, args.balance_weight)
     if place.sharded:  # before the optimizer exists: sharding replaces the parameters
-        shard(objective, place)
+        shard(objective, place, bf16=uses_bf16(args, place.device))
     if model.embed_tokens.weight.is_meta:  # a sharded checkpoint's: allocate this rank's shards, then read them
         from .sharded import load_model_shards  # here: torch.distributed.checkpoint is slow to import
 
