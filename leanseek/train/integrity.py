@@ -9,37 +9,26 @@ sealing are not checked; a folder without checksums.json (made before checkpoint
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..atomic import write_text_atomic
+from ..data.shards import file_sha256
 from ..model.hf import CheckpointError
 
 CHECKSUMS = "checksums.json"
-_CHUNK = 8 << 20
 
 # folder -> the files' (name, bytes, mtime, inode) when it last verified: a process that loads one checkpoint
 # several times (resume, then load_hf) hashes it once; any write to a file changes its mtime
 _verified: dict[Path, tuple] = {}
 
 
-def _sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    buffer = bytearray(_CHUNK)
-    view = memoryview(buffer)
-    with open(file, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
 def _sha256s(files: list[Path]) -> list[str]:
     # hashlib releases the GIL, so files hash in parallel (SHA-256 runs at ~1.8 GB/s per core with SHA-NI)
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1, max(1, len(files)))) as pool:
-        return list(pool.map(_sha256, files))
+        return list(pool.map(file_sha256, files))
 
 
 def seal(folder: str | os.PathLike) -> Path:
