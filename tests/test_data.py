@@ -43,11 +43,13 @@ def test_special_tokens_and_transformers_loads_it(tokenizer, tmp_path):
     from transformers import AutoTokenizer
 
     assert [tokenizer.token_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
-    assert tokenizer.encode(THINK) == [tokenizer.token_id(THINK)]
+    assert tokenizer.encode_markup(THINK) == [tokenizer.token_id(THINK)]
+    assert tokenizer.token_id(THINK) not in tokenizer.encode(THINK)  # text spelling a special token is text
     tokenizer.save(tmp_path)
     theirs = AutoTokenizer.from_pretrained(tmp_path)
     text = "Grüße 12 <think>x</think> 😀"
-    assert theirs.encode(text, add_special_tokens=False) == tokenizer.encode(text)
+    assert theirs.encode(text, add_special_tokens=False) == tokenizer.encode_markup(text)
+    assert theirs.encode(text, add_special_tokens=False, split_special_tokens=True) == tokenizer.encode(text)
     assert theirs.decode(tokenizer.encode(text)) == text
     assert theirs.bos_token_id == tokenizer.bos_id and theirs.eos_token_id == tokenizer.eos_id
     assert TextTokenizer.load(tmp_path).encode(text) == tokenizer.encode(text)

@@ -102,8 +102,8 @@ def test_distill_keeps_only_verified_traces_and_trains_a_smaller_student(base, t
         calls.append(samples)
         rows = []
         for i, p in enumerate(problems):
-            good = tokenizer.encode(f"<think>{task.reasoning(p)}</think>{p.answer}<|end|>")
-            bad = tokenizer.encode("<think></think>1<|end|>")
+            good = tokenizer.encode_markup(f"<think>{task.reasoning(p)}</think>{p.answer}<|end|>")
+            bad = tokenizer.encode_markup("<think></think>1<|end|>")
             right = Verdict(True, True, p.answer)
             wrong = Verdict(False, True, "1")
             row = [eval_tasks.Sample(bad, wrong)] * samples

@@ -19,9 +19,9 @@ def test_web_chat_streams_thinks_stops_and_starts_over():
     from playwright.sync_api import expect, sync_playwright
 
     tok = train_tokenizer(iter(TEXTS + ["print more words"] * 20), 300)
-    first = tok.encode("<think>Let me think about the harbor.</think>A **harbor** is a port.\n\n"
+    first = tok.encode_markup("<think>Let me think about the harbor.</think>A **harbor** is a port.\n\n"
                        "```python\nprint(1 < 2)\n```<|end|>")
-    long = tok.encode("<think>Hmm.</think>" + " more words" * 300 + "<|end|>")
+    long = tok.encode_markup("<think>Hmm.</think>" + " more words" * 300 + "<|end|>")
     engine = ScriptedEngine([first, long])
     with Server(None, tok, engine=engine) as server, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])

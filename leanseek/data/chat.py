@@ -7,11 +7,17 @@ answer. One Jinja template, saved in tokenizer_config.json as `chat_template`, s
 Every assistant turn has a think block (empty when there is no reasoning), so a model always opens one; a
 generation prompt ends with `<|assistant|>`. Conversations are OpenAI `messages` lists; assistant messages may
 carry `reasoning_content`, as in DeepSeek's API.
+
+Message text is text: `ChatFormat.encode` gives control tokens only to the template's own markup, for any template
+(leanseek's or a Hugging Face folder's), so a message that spells "<|end|><|assistant|>" cannot end its turn or
+open a forged one.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,21 +48,67 @@ def _environment() -> ImmutableSandboxedEnvironment:
 
 
 class ChatError(ValueError):
-    """A conversation that is not a valid messages list; the message names where."""
+    """A conversation that is not a valid messages list; `param` is the field's path (e.g.
+    "messages[1].content[0].type"), which the message names too."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 def validate(messages, where: str = "conversation") -> list[dict]:
+    """The conversation normalised to what the templates read (new dicts of role, content, and name and
+    reasoning_content when given; other fields are left out): "developer" is "system", a list of text parts is
+    joined into one string, an assistant's missing or null content is "". Raises ChatError for anything else
+    (parts that are not text, tool messages, tool calls)."""
+
+    def fail(param: str, problem: str):
+        raise ChatError(f"{where}: {param}: {problem}" if where else f"{param}: {problem}", param)
+
     if not isinstance(messages, list) or not messages:
-        raise ChatError(f"{where}: 'messages' must be a non-empty list")
+        fail("messages", "must be a non-empty list")
+    normal = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise ChatError(f"{where}: message {i}: 'role' must be one of {', '.join(ROLES)}")
-        if not isinstance(m.get("content"), str):
-            raise ChatError(f"{where}: message {i}: 'content' must be a string")
-        r = m.get("reasoning_content")
-        if r is not None and (m["role"] != "assistant" or not isinstance(r, str)):
-            raise ChatError(f"{where}: message {i}: 'reasoning_content' must be a string on an assistant message")
-    return messages
+        at = f"messages[{i}]"
+        if not isinstance(m, dict):
+            fail(at, "must be an object with 'role' and 'content'")
+        role = m.get("role")
+        if role == "tool":
+            fail(f"{at}.role", "tool messages are not supported")
+        role = "system" if role == "developer" else role
+        if role not in ROLES:
+            fail(f"{at}.role", "must be one of system, developer, user, assistant")
+        for key in ("tool_calls", "function_call"):
+            if m.get(key):
+                fail(f"{at}.{key}", "tool calls are not supported")
+        content = m.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        elif isinstance(content, list):
+            content = "".join(_text_part(part, f"{at}.content[{j}]", fail) for j, part in enumerate(content))
+        elif not isinstance(content, str):
+            fail(f"{at}.content", "must be a string or a list of text parts")
+        out = {"role": role, "content": content}
+        if m.get("name") is not None:
+            if not isinstance(m["name"], str):
+                fail(f"{at}.name", "must be a string")
+            out["name"] = m["name"]
+        if m.get("reasoning_content") is not None:
+            if role != "assistant" or not isinstance(m["reasoning_content"], str):
+                fail(f"{at}.reasoning_content", "must be a string on an assistant message")
+            out["reasoning_content"] = m["reasoning_content"]
+        normal.append(out)
+    return normal
+
+
+def _text_part(part, at: str, fail) -> str:
+    if not isinstance(part, dict):
+        fail(at, "must be an object with 'type'")
+    if part.get("type") != "text":
+        fail(f"{at}.type", f"only text parts are supported, not {part.get('type')!r}")
+    if not isinstance(part.get("text"), str):
+        fail(f"{at}.text", "must be a string")
+    return part["text"]
 
 
 def render(messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -66,8 +118,9 @@ def render(messages: list[dict], add_generation_prompt: bool = False) -> str:
 def encode_chat(tokenizer: TextTokenizer, messages: list[dict],
                 add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
     """Token ids of the rendered conversation, and for each whether it is the assistant's (its think block,
-    answer and end-of-turn token: what SFT trains on)."""
-    ids = tokenizer.encode(render(messages, add_generation_prompt))
+    answer and end-of-turn token: what SFT trains on). The turns are found by their control tokens, which only
+    the template writes."""
+    ids = LEANSEEK_CHAT.encode(tokenizer, messages, add_generation_prompt)
     start, end = tokenizer.token_id(ASSISTANT), tokenizer.token_id(END_OF_TURN)
     mask, inside = [], False
     for t in ids:
@@ -114,6 +167,43 @@ class ChatFormat:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.context)
+
+    def encode(self, tokenizer: TextTokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+        """The conversation's token ids, where only the template's markup gives control tokens: in every message
+        field but the role, each control token's spelling is swapped for a placeholder the text cannot predict (a
+        random nonce in private-use characters), the template renders, and the rendering is cut at the control
+        tokens left (all the template's own); the text between them, placeholders restored, is encoded as text.
+        With nothing to swap, the ids are exactly those of transformers' apply_chat_template."""
+        spellings = list(tokenizer.control_tokens)
+        number = {s: n for n, s in enumerate(spellings)}
+        nonce = "".join(chr(0xE000 + secrets.randbelow(0x1900)) for _ in range(8))
+        find = re.compile("|".join(re.escape(s) for s in sorted(spellings, key=len, reverse=True)))
+        swapped = 0
+
+        def swap(match: re.Match) -> str:
+            nonlocal swapped
+            swapped += 1
+            return f"{nonce}{number[match.group()]}{nonce}"
+
+        def escape(value):
+            if isinstance(value, str):
+                return find.sub(swap, value)
+            if isinstance(value, dict):
+                return {k: escape(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [escape(v) for v in value]
+            return value
+
+        if spellings:
+            messages = [{k: v if k == "role" else escape(v) for k, v in m.items()} for m in messages]
+        rendered = self.render(messages, add_generation_prompt)
+        if not swapped:
+            return tokenizer.encode_markup(rendered)
+        placeholder = re.compile(f"{re.escape(nonce)}([0-9]+){re.escape(nonce)}")
+        pieces = tokenizer.split_markup(rendered)
+        texts = iter(tokenizer.encode_batch([placeholder.sub(lambda m: spellings[int(m.group(1))], p)
+                                             for p in pieces if isinstance(p, str)]))
+        return [i for p in pieces for i in ([p] if isinstance(p, int) else next(texts))]
 
 
 LEANSEEK_CHAT = ChatFormat(CHAT_TEMPLATE, END_OF_TURN)

@@ -2,12 +2,17 @@
 
 Digits are split one per token before BPE (arithmetic tasks need each digit to be its own token), and the byte
 alphabet is always in the vocabulary, so any UTF-8 text encodes and decodes back exactly.
+
+Text is encoded as text: a string that spells a special or added token ("<|end|>", a Hugging Face folder's
+"<｜User｜>") becomes ordinary tokens, so no text can forge a control token. Only `encode_markup`, for a chat
+template's own markup, turns such spellings into their tokens.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -41,16 +46,70 @@ class TextTokenizer:
         if missing and strict:
             raise ValueError(f"tokenizer lacks the special tokens {missing}")
         self.bos_id, self.eos_id, self.pad_id = (tokenizer.token_to_id(t) for t in (BOS, EOS, PAD))
+        added = tokenizer.get_added_tokens_decoder()
+        self._added = {t.content: t for t in added.values()}
+        # the spelling of every special or added token, and its id: the control tokens no text may produce
+        self.control_tokens: dict[str, int] = {t.content: i for i, t in added.items()}
+        self._control_ids = frozenset(added)
+        # tokenizers extracts the tokens matched on the raw text first, then those matched after normalisation;
+        # each set leftmost-longest, which an alternation longest first reproduces
+        self._markup = [re.compile("|".join(re.escape(t) for t in sorted(group, key=len, reverse=True)))
+                        for group in ([t for t in self._added if not self._added[t].normalized],
+                                      [t for t in self._added if self._added[t].normalized]) if group]
+        # the same tokenizer with no added tokens: nothing in a text is extracted as one
+        config = json.loads(tokenizer.to_str())
+        config["added_tokens"] = []
+        self._text = Tokenizer.from_str(json.dumps(config))
 
     @property
     def vocab_size(self) -> int:
         return self.tk.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        return self.tk.encode(text, add_special_tokens=False).ids
+        """`text` as text: no control token, whatever it spells."""
+        return self._as_text(self._text.encode(text, add_special_tokens=False))
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+        return [self._as_text(e) for e in self._text.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_markup(self, text: str) -> list[int]:
+        """`text` with every special or added token's spelling as that token: for a template's own markup only."""
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def split_markup(self, text: str) -> list[str | int]:
+        """`text` cut where `encode_markup` extracts control tokens: each one's id, and the text between as str
+        (matched as tokenizers matches them, with the tokens' single_word, lstrip and rstrip rules)."""
+        pieces: list[str | int] = [text]
+        for pattern in self._markup:
+            pieces = [q for p in pieces for q in (self._split(p, pattern) if isinstance(p, str) else [p])]
+        return [p for p in pieces if p != ""]
+
+    def _split(self, text: str, pattern: re.Pattern) -> list[str | int]:
+        pieces: list[str | int] = []
+        done = 0
+        for m in pattern.finditer(text):
+            start, stop = m.span()
+            token = self._added[m.group()]
+            if token.single_word and (re.search(r"\w\Z", text[:start]) or re.match(r"\w", text[stop:])):
+                continue
+            if token.lstrip:  # the spaces before it belong to the token
+                start = max(len(text[:start].rstrip()), done)
+            if token.rstrip:
+                stop = len(text) - len(text[stop:].lstrip())
+            pieces += [text[done:start], self.control_tokens[m.group()]]
+            done = stop
+        return [*pieces, text[done:]]
+
+    def _as_text(self, encoding) -> list[int]:
+        ids = encoding.ids
+        if self._control_ids.isdisjoint(ids):
+            return ids
+        # A vocabulary may itself hold a control token's spelling (BPE with ignore_merges maps a whole word to its
+        # entry): that piece is written one character at a time instead.
+        out = []
+        for i, piece in zip(ids, encoding.tokens):
+            out += [t.id for c in piece for t in self._text.model.tokenize(c)] if i in self._control_ids else [i]
+        return out
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=False)

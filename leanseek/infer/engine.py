@@ -14,6 +14,10 @@ Speculative decoding (V3 report section 2.2, "MTP in Inference"): the MTP module
 the main model's last hidden state; the next step feeds [last token, draft] through the main model at once and
 keeps the draft when the main model agrees (greedy) or by the speculative-sampling rule (Leviathan et al. 2023),
 which leaves the sampled distribution exactly the model's. Either way one or two tokens come out of each forward.
+
+Log-probabilities (`logprobs=N`, `prompt_logprobs=N`: the token's and its N most likely alternatives) are log_softmax
+of the raw logits in float32, before temperature, filters and penalties, taken from the logits each token was
+chosen from (a prompt token's: those at the position before it). Only the requests that ask pay for them.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import torch
 from ..model.moe import Experts
 from ..model.transformer import Transformer
 from .cache import LatentCache
-from .sampling import SamplingParams, apply_penalties, batch_params, draw, probabilities, verify_drafts
+from .sampling import (SamplingParams, apply_penalties, batch_params, draw, probabilities, token_logprobs,
+                       verify_drafts)
 
 
 class GenerationError(RuntimeError):
@@ -42,6 +47,15 @@ class GenerationError(RuntimeError):
 
 
 @dataclass
+class TokenLogprob:
+    """A token's log-probability and the `top` most likely tokens at its position: (id, logprob), highest first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class Output:
     """What one engine step produced for one request."""
 
@@ -49,6 +63,9 @@ class Output:
     tokens: list[int]
     finished: bool = False
     error: str | None = None  # set when the request failed (it is then finished)
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked (logprobs=N)
+    # when the request asked (prompt_logprobs=N), on its first Output: one per prompt token, the first None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -61,6 +78,8 @@ class _Request:
     slot: int = -1
     output: list[int] = field(default_factory=list)
     sent: int = 0  # how much of output has been reported
+    logprobs: list[TokenLogprob] | None = None  # one per output token, when asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # until the first report
     counts: torch.Tensor | None = None  # how often each token was generated (frequency/presence penalties)
     draft: int | None = None  # MTP's guess at the token after output[-1]
     draft_probs: torch.Tensor | None = None  # the distribution the draft was sampled from (None: greedy)
@@ -155,7 +174,8 @@ class Engine:
         """New tokens for each prompt (token id lists). Keyword arguments are SamplingParams fields, plus `stop`
         (token ids and strings; strings need the tokenizer) and `speculative`; `seed` may be a list, one per
         prompt (several samples of one prompt). Bad input raises ValueError before anything runs; failures while
-        running raise GenerationError once the others have finished."""
+        running raise GenerationError once the others have finished. Log-probabilities (logprobs,
+        prompt_logprobs) come in step()'s Outputs, not here."""
         seeds = params.get("seed")
         if isinstance(seeds, (list, tuple)) and len(seeds) != len(prompts):
             raise ValueError(f"seed: {len(seeds)} seeds for {len(prompts)} prompts")
@@ -280,7 +300,8 @@ class Engine:
             raise ValueError(f"{name}: speculative decoding drafts with an MTP module, and this model has none "
                              "(num_nextn_predict_layers=0)")
         g = torch.Generator(self.device).manual_seed(p.seed) if p.seed is not None else None
-        return _Request(next(self._ids), list(prompt), p, speculative, g)
+        return _Request(next(self._ids), list(prompt), p, speculative, g,
+                        logprobs=None if p.logprobs is None else [])
 
     def _guarded(self, requests: list[_Request], outs: list[Output], work) -> None:
         """Run `work` for these requests; if it fails, they end with the error and the engine carries on."""
@@ -298,14 +319,19 @@ class Engine:
         r.draft = r.draft_probs = None
 
     def _report(self, r: _Request, finished: bool = False, error: str | None = None) -> Output:
-        out = Output(r.id, r.output[r.sent:], finished, error)
-        r.sent = len(r.output)
+        out = Output(r.id, r.output[r.sent:], finished, error, None if r.logprobs is None else r.logprobs[r.sent:],
+                     r.prompt_logprobs)
+        r.sent, r.prompt_logprobs = len(r.output), None
         return out
 
-    def _emit(self, r: _Request, tokens: list[int], outs: list[Output]) -> None:
-        """Commit new tokens up to a stop; report them; free the slot of a finished request."""
-        for token in tokens:
+    def _emit(self, r: _Request, tokens: list[int], outs: list[Output],
+              logprobs: list[TokenLogprob | None] | None = None) -> None:
+        """Commit new tokens up to a stop (with their log-probabilities, when the request asked); report them;
+        free the slot of a finished request."""
+        for i, token in enumerate(tokens):
             r.output.append(token)
+            if r.logprobs is not None:
+                r.logprobs.append(logprobs[i])
             self.stats["generated_tokens"] += 1
             if r.counts is not None:
                 r.counts[token] += 1
@@ -365,6 +391,45 @@ class Engine:
             for i, t in zip(rest, draw(self._probs(sub, logits[rest]), self._uniform(sub)).tolist()):
                 tokens[i] = t
         return tokens
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, tokens: list[int], top: list[int]) -> list[TokenLogprob]:
+        """Each row's token under its logits [N, V], with top[i] alternatives."""
+        chosen, values, ids = token_logprobs(logits, torch.tensor(tokens, device=logits.device), max(top))
+        return [TokenLogprob(t, c, list(zip(i[:n], v[:n])))
+                for t, c, v, i, n in zip(tokens, chosen.tolist(), values.tolist(), ids.tolist(), top)]
+
+    def _token_logprobs(self, rows: list[_Request], logits: torch.Tensor,
+                        tokens: list[int]) -> list[TokenLogprob | None]:
+        """The log-probability of the token each request chose from logits [B, V], for the requests that asked
+        (None for the others; nothing is computed when none asked)."""
+        asked = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        out: list[TokenLogprob | None] = [None] * len(rows)
+        if asked:
+            if len(asked) < len(rows):
+                logits = logits[asked]
+            entries = self._logprobs(logits, [tokens[i] for i in asked], [rows[i].params.logprobs for i in asked])
+            for i, e in zip(asked, entries):
+                out[i] = e
+        return out
+
+    def _score_prompts(self, batch: list[_Request], hidden: torch.Tensor) -> None:
+        """The prompt log-probabilities of the requests in batch that asked, from the prefill's hidden states
+        [B, T, d]: token i's from the logits at position i - 1. The positions of all of them go through lm_head
+        prefill_chunk at a time, so a long prompt never holds its whole [T, V] logits."""
+        rows = [i for i, r in enumerate(batch) if r.params.prompt_logprobs is not None]
+        index = [(i, t) for i in rows for t in range(len(batch[i].prompt) - 1)]
+        tokens = [batch[i].prompt[t + 1] for i, t in index]
+        top = [batch[i].params.prompt_logprobs for i, _ in index]
+        entries: list[TokenLogprob] = []
+        for start in range(0, len(index), self.prefill_chunk):
+            part = index[start:start + self.prefill_chunk]
+            h = hidden[[i for i, _ in part], [t for _, t in part]]
+            entries += self._logprobs(self.model.lm_head(h), tokens[start:start + len(part)],
+                                      top[start:start + len(part)])
+        for i in rows:
+            n = len(batch[i].prompt) - 1
+            batch[i].prompt_logprobs, entries = [None] + entries[:n], entries[n:]
 
     def _propose(self, rows: list[_Request], logits: torch.Tensor) -> None:
         """Draft the token after each request's last one from MTP logits [B, V], processed as the main model's
@@ -438,14 +503,27 @@ class Engine:
         return last, torch.cat(outs, dim=1) if keep else None
 
     def _prefill(self, batch: list[_Request], outs: list[Output]) -> None:
-        """The prompts of `batch` through the model (batched, ragged), each request's first token, and the MTP
-        module's first draft for speculative ones."""
+        """The prompts of `batch` through the model (batched, ragged), their log-probabilities for the requests
+        that asked, each request's first token (a request with max_new_tokens=0 only scores its prompt: it ends
+        here), and the MTP module's first draft for speculative ones."""
         self.stats["prompt_tokens"] += sum(len(r.prompt) for r in batch)
         speculative = any(r.speculative for r in batch)
+        scored = any(r.params.prompt_logprobs is not None for r in batch)
         last, hidden = self._run_prompts(self.cache, batch, [r.prompt for r in batch],
-                                         lambda ids, at, start: self.model.step(ids, at), speculative)
-        for r, token in zip(batch, self._choose(batch, self.model.lm_head(last))):
-            self._guarded([r], outs, lambda r=r, token=token: self._emit(r, [token], outs))
+                                         lambda ids, at, start: self.model.step(ids, at), speculative or scored)
+        if scored:
+            self._score_prompts(batch, hidden)
+        for r in batch:
+            if not r.params.max_new_tokens:
+                outs.append(self._report(r, True))
+                self._release(r)
+        rows = [i for i, r in enumerate(batch) if r.params.max_new_tokens]
+        going = [batch[i] for i in rows]
+        if going:
+            logits = self.model.lm_head(last if len(rows) == len(batch) else last[rows])
+            tokens = self._choose(going, logits)
+            for r, token, lp in zip(going, tokens, self._token_logprobs(going, logits, tokens)):
+                self._guarded([r], outs, lambda r=r, token=token, lp=lp: self._emit(r, [token], outs, [lp]))
         rows = [i for i, r in enumerate(batch) if r.speculative and r in self._running]
         if rows:
             self._prefill_draft([batch[i] for i in rows], hidden[rows])
@@ -472,8 +550,10 @@ class Engine:
         pad = self._pad(len(batch), 1)
         at = self.cache.step([r.slot for r in batch], 1, pad)
         _, logits = self._call(_decode_fn, [at], self._tokens([[r.output[-1]] for r in batch], pad))
-        for r, token in zip(batch, self._choose(batch, logits[: len(batch), -1])):
-            self._guarded([r], outs, lambda r=r, token=token: self._emit(r, [token], outs))
+        logits = logits[: len(batch), -1]
+        tokens = self._choose(batch, logits)
+        for r, token, lp in zip(batch, tokens, self._token_logprobs(batch, logits, tokens)):
+            self._guarded([r], outs, lambda r=r, token=token, lp=lp: self._emit(r, [token], outs, [lp]))
 
     def _decode_speculative(self, batch: list[_Request], outs: list[Output]) -> None:
         greedy = [r for r in batch if self._plain_greedy(r)]
@@ -484,12 +564,26 @@ class Engine:
             self._guarded(sampled, outs, lambda: self._speculate(sampled, outs))
 
     def _speculate_greedy(self, batch: list[_Request], outs: list[Output]) -> None:
-        pad = self._pad(len(batch), 2)
+        """One greedy speculative step: in one pass, or, when a request asks for log-probabilities, in two (the
+        main model, whose logits they come from, then the MTP module on its choices), with the same tokens."""
+        B = len(batch)
+        pad = self._pad(B, 2)
         slots = [r.slot for r in batch]
         steps = [self.cache.step(slots, 2, pad), self.draft_cache.step(slots, 2, pad)]
-        top, drafts = self._call(_greedy_speculative_fn, steps,
-                                 self._tokens([[r.output[-1], r.draft] for r in batch], pad))
-        for r, (t0, t1), (d0, d1) in zip(batch, top.tolist(), drafts.tolist()):
+        ids = self._tokens([[r.output[-1], r.draft] for r in batch], pad)
+        logits = None
+        if any(r.params.logprobs is not None for r in batch):
+            h, logits = self._call(_decode_fn, steps[:1], ids)
+            top = logits.argmax(-1)
+            (drafts,) = self._call(_draft_fn, steps[1:], h, top)
+            drafts = drafts.argmax(-1)
+        else:
+            top, drafts = self._call(_greedy_speculative_fn, steps, ids)
+        top = top[:B].tolist()
+        lps = [(None, None)] * B if logits is None else zip(
+            self._token_logprobs(batch, logits[:B, 0], [t0 for t0, _ in top]),
+            self._token_logprobs(batch, logits[:B, 1], [t1 for _, t1 in top]))
+        for r, (t0, t1), (d0, d1), lp in zip(batch, top, drafts.tolist(), lps):
             ok = t0 == r.draft
             self.stats["drafted"] += 1
             self.stats["accepted"] += ok
@@ -497,7 +591,7 @@ class Engine:
                 self.cache.lengths[r.slot] -= 1
                 self.draft_cache.lengths[r.slot] -= 1
             r.draft = None
-            self._guarded([r], outs, lambda r=r, new=[t0, t1] if ok else [t0]: self._emit(r, new, outs))
+            self._guarded([r], outs, lambda r=r, new=[t0, t1] if ok else [t0], lp=lp: self._emit(r, new, outs, lp))
             if r in self._running:
                 r.draft = d1 if ok else d0
                 self._drop_draft_if_last(r)
@@ -516,13 +610,15 @@ class Engine:
                                     self._uniform(batch))
         # the token after an accepted draft, drawn as if the draft were already committed (penalties)
         bonus = draw(self._probs(batch, logits[:B, 1], pending=drafts), self._uniform(batch)).tolist()
-        for r, ok, t0, t1 in zip(batch, kept.tolist(), first.tolist(), bonus):
+        first = first.tolist()
+        lps = zip(self._token_logprobs(batch, logits[:B, 0], first), self._token_logprobs(batch, logits[:B, 1], bonus))
+        for r, ok, t0, t1, lp in zip(batch, kept.tolist(), first, bonus, lps):
             self.stats["drafted"] += 1
             self.stats["accepted"] += ok
             r.draft = r.draft_probs = None
             if not ok:
                 self.cache.lengths[r.slot] -= 1
-            self._guarded([r], outs, lambda r=r, new=[t0, t1] if ok else [t0]: self._emit(r, new, outs))
+            self._guarded([r], outs, lambda r=r, new=[t0, t1] if ok else [t0], lp=lp: self._emit(r, new, outs, lp))
         # the MTP module continues from every committed position: after an accepted draft, the pairs (h of the
         # last token, draft) and (h of the draft, bonus token); after a rejection only the first pair counts, so
         # the second (a placeholder) is rolled back like the main cache's rejected position

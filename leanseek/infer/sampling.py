@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+MAX_LOGPROBS = 20  # the most alternatives a log-probability comes with (OpenAI's top_logprobs limit)
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -27,9 +29,18 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)
+    # None: off; N: each generated (prompt) token's log-probability and its N most likely alternatives
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
-        checks = [("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_LOGPROBS):
+                raise ValueError(f"{name}={n!r}: must be None (off) or an integer in 0..{MAX_LOGPROBS}")
+        scoring = self.prompt_logprobs is not None  # scoring a prompt may generate nothing
+        checks = [("max_new_tokens", self.max_new_tokens >= (0 if scoring else 1),
+                   ">= 0" if scoring else ">= 1 (0 only with prompt_logprobs, to score the prompt alone)"),
                   ("temperature", self.temperature >= 0, ">= 0"),
                   ("top_k", self.top_k >= 0, ">= 0 (0 turns it off)"),
                   ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
@@ -119,6 +130,15 @@ def verify_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u_acce
     residual = (p - q).clamp_(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)  # p == q: nothing left over
     return kept, torch.where(kept, drafts, draw(residual, u_resample))
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
+                   top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities under raw logits [B, V] (log_softmax in float32, before temperature, filters and
+    penalties): of each row's token tokens [B], and the `top` highest [B, top] with their ids, highest first."""
+    lp = logits.float().log_softmax(-1)
+    values, ids = lp.topk(top, -1)
+    return lp.gather(1, tokens[:, None])[:, 0], values, ids
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:

@@ -4,36 +4,58 @@
     GET  /v1/models, /health, /metrics (Prometheus text)
     POST /v1/chat/completions   messages -> the assistant's reply, the reasoning as `reasoning_content` beside
                                 `content`, as DeepSeek's API returns it; streamed as server-sent events or not
-    POST /v1/completions        a plain text prompt continued
+    POST /v1/completions        a prompt continued: text, several texts, token ids or several lists of them;
+                                `echo` and `logprobs` score a prompt as OpenAI's legacy API does (what evaluation
+                                harnesses such as lm-evaluation-harness's local-completions read)
+
+Message text is always text: a message that spells a control token ("<|end|>") gets ordinary tokens, and only the
+chat template's own markup becomes control tokens (leanseek.data.chat.ChatFormat.encode); a string prompt on
+/v1/completions is text in the same way, and only a prompt sent as token ids can hold control tokens.
+
+Accepted and ignored: `user`, `metadata`, `store`, `service_tier`, `parallel_tool_calls`, and an empty
+`logit_bias`. vLLM's sampling extras `top_k`, `min_p` and `repetition_penalty` apply. `reasoning_effort` (or
+`reasoning.effort`) "none" or "minimal" closes the think block at the start of the reply (the terminal's /think
+off); "low", "medium", "high" and "xhigh" leave it to the model. Refused with a 400 naming the field,
+rather than answered wrongly: a non-empty `logit_bias`, `tools`, `tool_choice`, `functions`, `function_call`, a
+`response_format` other than text, `suffix`, a `best_of` other than n, parts of a message that are not text.
+Chat log-probabilities cover every generated token (the think block's included) but the end-of-turn token.
 
 Errors come back as OpenAI error bodies ({"error": {"message", "type", "param", "code"}}) with the right status:
-400 for bad input (malformed JSON, wrong types, out-of-range values, an empty conversation, a context overflow),
-401 for a missing or wrong API key when one is set, 404 for an unknown model, 411 for a body without a length, 413
-for an oversized body, 429 when the queue is full. A client that disconnects mid-stream cancels its generation.
+400 for bad input (malformed JSON, wrong types, out-of-range values, an empty conversation, a context overflow, a
+request past the server's token budget), 401 for a missing or wrong API key when one is set, 404 for an unknown
+model, 411 for a body without a length, 413 for an oversized body, 429 when the queue is full. A client that
+disconnects mid-stream cancels its generation.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
-from pathlib import Path
 from collections.abc import AsyncIterator
-from typing import Literal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..data.chat import LEANSEEK_CHAT, ChatFormat
-from ..data.tokenizer import THINK
+from ..data.chat import LEANSEEK_CHAT, ChatError, ChatFormat, validate
+from ..data.tokenizer import END_THINK, THINK
 from ..infer.engine import Engine
-from .text import TextStream
+from .limits import RequestLog
+from .text import TextStream, TokenPieces
 from .worker import EngineWorker, Event, Handle, QueueFull
 
 MAX_BODY_BYTES = 1 << 20
+MAX_REQUEST_TOKENS = 16384  # n x max_tokens (x prompts) one request may ask for
+CHAT_MAX_TOKENS, COMPLETION_MAX_TOKENS = 256, 16  # when a request names none (OpenAI's legacy default: 16)
+LATER = "not supported yet (tool calling and structured outputs are planned: leanseek issue 14)"
 
 
 class EventStream(StreamingResponse):
@@ -59,52 +81,109 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str
-    reasoning_content: str | None = None
-
-
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: bool | None = False
+
+
+class Reasoning(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
 
 
 class Sampling(BaseModel):
+    """The fields both endpoints share. None stands for the default: clients send null for fields they leave
+    unset."""
+
     model_config = ConfigDict(extra="ignore")
     model: str
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = Field(1, ge=1, le=8)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    stream: bool = False
+    seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 63) - 1)
+    n: int | None = Field(None, ge=1, le=128)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    # vLLM's sampling extras, which Open WebUI and LiteLLM pass through
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, lt=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
 
 
 class ChatRequest(Sampling):
-    messages: list[Message]
+    messages: Any  # checked and normalised by leanseek.data.chat.validate
+    max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    reasoning: Reasoning | None = None  # the Responses API's form of reasoning_effort, which some proxies send
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+    response_format: dict | None = None
 
 
 class CompletionRequest(Sampling):
-    prompt: str
+    prompt: Any  # text, texts, token ids or lists of token ids: read by completion_prompts
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt only
+    logprobs: int | None = Field(None, ge=0, le=5)  # OpenAI's legacy limit
+    echo: bool | None = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+@dataclass
+class Choice:
+    """One sequence of a response: its request in the engine, its text, its log-probabilities."""
+
+    index: int
+    prompt: list[int]
+    handle: Handle
+    stream: TextStream
+    echo: str = ""  # the prompt's text, put before the completion (echo)
+    logprobs: list = field(default_factory=list)  # the engine's TokenLogprob per generated token
+    prompt_logprobs: list | None = None
+    offset: int = 0  # where the next generated token starts in the choice's text (legacy text_offset)
+    echoed: bool = False
+    released: bool = False
+
+
+def _param(loc: tuple) -> str:
+    """The field path of a validation error, e.g. "stream_options.include_usage" or "stop[1]", without the type
+    tags pydantic adds inside unions."""
+    path = str(loc[0]) if loc else "body"
+    for x in loc[1:]:
+        if isinstance(x, int):
+            path += f"[{x}]"
+        elif re.fullmatch(r"[a-z_]+", x) and x not in ("str", "int", "float", "bool", "list", "dict"):
+            path += f".{x}"
+        else:
+            break
+    return path
 
 
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None, max_queue: int = 64,
                max_body_bytes: int = MAX_BODY_BYTES, worker_thread: bool = True,
-               chat_format: ChatFormat = LEANSEEK_CHAT) -> FastAPI:
+               chat_format: ChatFormat = LEANSEEK_CHAT, max_request_tokens: int = MAX_REQUEST_TOKENS) -> FastAPI:
     """The app. chat_format: how the model writes conversations (leanseek's, or a Hugging Face folder's template
     and end-of-reply token: leanseek.data.chat.chat_format). worker_thread: run the engine loop in a thread
     started with the app; otherwise the caller runs app.state.worker.run() (leanseek serve does, in the main
-    thread)."""
+    thread). max_request_tokens: the most tokens one request may ask to generate, all its choices together."""
     worker = EngineWorker(engine, max_queue)
     end = tokenizer.token_id(chat_format.end)
     if end is None:
         raise ValueError(f"the tokenizer has no token {chat_format.end!r} to end a reply")
+    pieces = TokenPieces(tokenizer)
+    max_len = getattr(engine, "max_len", None)
     stats = {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0, "latency_sum": 0.0,
              "latency_count": 0, "ttft_sum": 0.0, "ttft_count": 0}
     app = FastAPI(title="leanseek", on_startup=[worker.start] if worker_thread else [], on_shutdown=[worker.close])
@@ -121,9 +200,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError):
         first = e.errors()[0]
-        where = ".".join(str(x) for x in first.get("loc", ())[1:]) or "body"
-        message = "the body is not valid JSON" if first.get("type") == "json_invalid" else f"{where}: {first['msg']}"
-        return error_body(ApiError(400, message, param=where))
+        if first.get("type") == "json_invalid":
+            return error_body(ApiError(400, "the body is not valid JSON", param="body"))
+        where = _param(tuple(first.get("loc", ()))[1:])
+        return error_body(ApiError(400, f"{where}: {first['msg']}", param=where))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException):
@@ -177,163 +257,338 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             lines += [f"# HELP leanseek_{name} {help_}", f"# TYPE leanseek_{name} {kind}", f"leanseek_{name} {value}"]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
-    def params_of(req: Sampling, max_tokens: int | None) -> tuple[dict, list[str]]:
+    # ------------------------------------------------------------------------------------------ reading requests
+
+    def check_common(req: Sampling) -> list[str]:
+        """The model, the stop strings and the fields refused outright; returns the stop strings."""
         if req.model != model_name:
             raise ApiError(404, f"model {req.model!r} is not served here; this server serves {model_name!r}",
                            param="model", code="model_not_found", kind="not_found_error")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
             raise ApiError(400, "stop: up to 4 non-empty strings", param="stop")
-        params = {"max_new_tokens": max_tokens or 256, "temperature": req.temperature, "top_p": req.top_p,
-                  "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
-                  "stop": [end, *stop]}
-        return params, stop
+        if req.logit_bias:
+            raise ApiError(400, "logit_bias: not supported (only an empty map is accepted)", param="logit_bias")
+        return stop
 
-    async def run(prompt: list[int], params: dict, seed: int | None, n: int) -> list[Handle]:
-        stats["requests"] += 1
-        stats["prompt_tokens"] += len(prompt) * n
+    def check_chat(req: ChatRequest) -> None:
+        for name in ("tools", "functions"):
+            if getattr(req, name):
+                raise ApiError(400, f"{name}: {LATER}", param=name)
+        for name in ("tool_choice", "function_call"):
+            if getattr(req, name) not in (None, "none"):
+                raise ApiError(400, f"{name}: {LATER}", param=name)
+        if req.response_format is not None and req.response_format != {"type": "text"}:
+            raise ApiError(400, f"response_format: only {{\"type\": \"text\"}} is accepted; other formats are {LATER}",
+                           param="response_format")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+
+    def chat_prompt(req: ChatRequest) -> tuple[list[int], str]:
+        """The conversation's ids with the generation prompt, and the text the prompt opened the reply with."""
         try:
-            return [worker.submit(prompt, {**params, "seed": None if seed is None else seed + i})
-                    for i in range(n)]
-        except QueueFull as e:
-            raise ApiError(429, str(e), kind="rate_limit_error", code="queue_full") from None
+            messages = validate(req.messages, where="")
+            prompt = chat_format.encode(tokenizer, messages, add_generation_prompt=True)
+        except ChatError as e:
+            raise ApiError(400, str(e), param=getattr(e, "param", None) or "messages") from None
+        except TemplateError as e:  # a Hugging Face template that refuses the conversation
+            raise ApiError(400, f"messages: the model's chat template refused them: {e}", param="messages") from None
+        opened = THINK if tokenizer.decode(prompt[-3:]).rstrip().endswith(THINK) else ""
+        effort = req.reasoning_effort or (req.reasoning.effort if req.reasoning else None)
+        if effort in ("none", "minimal"):  # answer at once: the reply starts with a closed think block
+            closing = END_THINK if opened else THINK + END_THINK
+            return prompt + tokenizer.encode_markup(closing), opened + closing
+        return prompt, opened
 
-    async def first(handle: Handle) -> Event:
+    def completion_prompts(prompt: Any) -> list[tuple[list[int], str]]:
+        """(ids, text) of each prompt: a string is text (a control token's spelling stays text); ids are taken as
+        they are."""
+        def ids_of(x: Any, where: str) -> list[int]:
+            bad = [t for t in x if not 0 <= t < tokenizer.vocab_size]
+            if bad:
+                raise ApiError(400, f"{where}: token ids {bad[:5]} are outside the vocabulary "
+                                    f"(0..{tokenizer.vocab_size - 1})", param=where)
+            return x
+
+        def is_ids(x: Any) -> bool:
+            return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+        if isinstance(prompt, str):
+            prompts = [(tokenizer.encode(prompt), prompt)]
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            prompts = list(zip(tokenizer.encode_batch(prompt), prompt))
+        elif isinstance(prompt, list) and prompt and is_ids(prompt):
+            prompts = [(ids_of(prompt, "prompt"), None)]
+        elif isinstance(prompt, list) and prompt and all(is_ids(p) for p in prompt):
+            prompts = [(ids_of(p, f"prompt[{i}]"), None) for i, p in enumerate(prompt)]
+        else:
+            raise ApiError(400, "prompt: a non-empty string, list of strings, list of token ids or list of token-id "
+                                "lists", param="prompt")
+        for i, (ids, _) in enumerate(prompts):
+            if not ids:
+                where = "prompt" if len(prompts) == 1 and isinstance(prompt, str) else f"prompt[{i}]"
+                raise ApiError(400, f"{where}: empty", param=where)
+        return [(ids, text if text is not None else tokenizer.decode(ids)) for ids, text in prompts]
+
+    def sampling(req: Sampling, stop: list[str], prompts: list[list[int]], max_tokens: int | None, default: int,
+                 max_name: str, prompt_name: str) -> dict:
+        """The engine's parameters; checks each prompt against the context and the request against the budget."""
+        n = req.n or 1
+        sequences = n * len(prompts)
+        longest = max(len(p) for p in prompts)
+        if max_len is not None:
+            if longest >= max_len:
+                raise ApiError(400, f"{prompt_name}: {longest} tokens leave no room in the context of {max_len}",
+                               param=prompt_name)
+            if max_tokens is not None and longest + max_tokens > max_len:
+                raise ApiError(400, f"{max_name}: the prompt ({longest} tokens) + {max_name} ({max_tokens}) "
+                                    f"exceeds the context of {max_len}", param=max_name)
+        if max_tokens is None:  # unnamed: as much as fits, up to the default
+            max_tokens = max(1, min(default, max_request_tokens // sequences,
+                                    default if max_len is None else max_len - longest))
+        if sequences * max_tokens > max_request_tokens:
+            count = f"{len(prompts)} prompts x n ({n})" if len(prompts) > 1 else f"n ({n})"
+            raise ApiError(400, f"{'n' if n > 1 else max_name}: {count} x {max_name} ({max_tokens}) = "
+                                f"{sequences * max_tokens} tokens, past this server's budget of {max_request_tokens} "
+                                "per request", param="n" if n > 1 else max_name)
+        capacity = engine.max_batch + worker.max_queue
+        if sequences > capacity:
+            raise ApiError(400, f"n: {sequences} sequences, more than this server holds at once ({capacity})",
+                           param="n" if len(prompts) == 1 else "prompt")
+        return {"max_new_tokens": max_tokens, "temperature": 1.0 if req.temperature is None else req.temperature,
+                "top_p": 1.0 if req.top_p is None else req.top_p, "presence_penalty": req.presence_penalty or 0.0,
+                "frequency_penalty": req.frequency_penalty or 0.0, "stop": [end, *stop],
+                "top_k": max(0, req.top_k or 0), "min_p": req.min_p or 0.0,
+                "repetition_penalty": req.repetition_penalty or 1.0}
+
+    # ------------------------------------------------------------------------------------------ endpoints
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        stop = check_common(req)
+        check_chat(req)
+        prompt, opened = chat_prompt(req)
+        name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        params = sampling(req, stop, [prompt], req.max_completion_tokens or req.max_tokens, CHAT_MAX_TOKENS, name,
+                          "messages")
+        if req.logprobs:
+            params["logprobs"] = req.top_logprobs or 0
+        return await respond(req, request, [(prompt, "")], params, stop, chat=True, prefix=opened)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        stop = check_common(req)
+        if req.suffix:
+            raise ApiError(400, "suffix: not supported", param="suffix")
+        if req.best_of not in (None, req.n or 1):
+            raise ApiError(400, "best_of: only equal to n (the server does not rank candidates)", param="best_of")
+        if req.max_tokens == 0 and not req.echo:
+            raise ApiError(400, "max_tokens: 0 generates nothing; it is for scoring a prompt with echo",
+                           param="max_tokens")
+        prompts = completion_prompts(req.prompt)
+        params = sampling(req, stop, [p for p, _ in prompts], req.max_tokens, COMPLETION_MAX_TOKENS, "max_tokens",
+                          "prompt")
+        if req.logprobs is not None:
+            params["logprobs"] = req.logprobs
+        if req.echo and (req.logprobs is not None or req.max_tokens == 0):
+            params["prompt_logprobs"] = req.logprobs or 0  # the engine scores the prompt even if nothing is made
+        return await respond(req, request, [(p, text if req.echo else "") for p, text in prompts], params, stop,
+                             chat=False)
+
+    # ------------------------------------------------------------------------------------------ responding
+
+    def submit(prompts: list[tuple[list[int], str]], params: dict, stop: list[str], req: Sampling, chat: bool,
+               prefix: str) -> list[Choice]:
+        """Choice prompt_index * n + j is prompt prompt_index's j-th sample, seeded seed + j."""
+        n = req.n or 1
+        stats["requests"] += 1
+        choices: list[Choice] = []
+        try:
+            for p, (prompt, echo) in enumerate(prompts):
+                for j in range(n):
+                    handle = worker.submit(prompt, {**params, "seed": None if req.seed is None else req.seed + j})
+                    stream = TextStream(tokenizer, stop, chat, chat_format.end, prefix)
+                    choices.append(Choice(p * n + j, prompt, handle, stream, echo, offset=len(echo)))
+        except QueueFull as e:
+            release(choices)
+            raise ApiError(429, str(e), kind="rate_limit_error", code="queue_full") from None
+        stats["prompt_tokens"] += sum(len(c.prompt) for c in choices)
+        return choices
+
+    def release(choices: list[Choice]) -> None:
+        """Done with these requests (finished, failed, or their client left): cancel those still running."""
+        for c in choices:
+            if not c.released:
+                c.released = True
+                worker.done(c.handle)
+
+    def take(c: Choice, event: Event) -> None:
+        if event.logprobs:
+            c.logprobs += event.logprobs
+        if event.prompt_logprobs is not None:
+            c.prompt_logprobs = event.prompt_logprobs
+
+    async def first(c: Choice, prompt_name: str) -> Event:
         """The first event; a rejection (bad input found by the engine) becomes a 400."""
-        event = await handle.events.get()
+        event = await c.handle.events.get()
         if event.rejected:
-            raise ApiError(400, event.error)
-        stats["ttft_sum"] += time.perf_counter() - handle.submitted
+            raise ApiError(400, event.error, param=prompt_name)
+        stats["ttft_sum"] += time.perf_counter() - c.handle.submitted
         stats["ttft_count"] += 1
         return event
 
-    async def collect(handle: Handle, stream: TextStream, max_tokens: int) -> dict:
-        try:
-            event = await first(handle)
-            while True:
-                stream.feed(event.tokens)
-                if event.error:
-                    raise ApiError(500, f"generation failed: {event.error}", kind="server_error")
-                if event.finished:
-                    break
-                event = await handle.events.get()
-        finally:
-            worker.done(handle)
-        stats["latency_sum"] += time.perf_counter() - handle.submitted
+    def finished(c: Choice) -> None:
+        release([c])
+        stats["latency_sum"] += time.perf_counter() - c.handle.submitted
         stats["latency_count"] += 1
-        stats["completion_tokens"] += len(stream.ids)
-        return {"finish_reason": finish_reason(stream, max_tokens)}
 
     def finish_reason(stream: TextStream, max_tokens: int) -> str:
         stopped = stream.ids[-1:] == [end] or any(x in tokenizer.decode(stream.ids) for x in stream.stop)
         return "length" if len(stream.ids) >= max_tokens and not stopped else "stop"
 
-    def usage(prompt: list[int], streams: list[TextStream]) -> dict:
-        completion = sum(len(s.ids) for s in streams)
-        return {"prompt_tokens": len(prompt) * len(streams), "completion_tokens": completion,
-                "total_tokens": len(prompt) * len(streams) + completion}
+    def usage(request: Request, prompts: list[tuple[list[int], str]], choices: list[Choice]) -> dict:
+        """The body's usage (each prompt counted once, as OpenAI counts it, however many choices it has), also left
+        on request.state for the access log."""
+        prompt = sum(len(p) for p, _ in prompts)
+        completion = sum(len(c.stream.ids) for c in choices)
+        request.state.usage = {"prompt_tokens": prompt, "completion_tokens": completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest, request: Request):
-        if not req.messages:
-            raise ApiError(400, "messages: the conversation is empty", param="messages")
-        max_tokens = req.max_completion_tokens or req.max_tokens
-        params, stop = params_of(req, max_tokens)
-        text = chat_format.render([m.model_dump(exclude_none=True) for m in req.messages], add_generation_prompt=True)
-        prompt = tokenizer.encode(text)
-        opened = THINK if text.rstrip().endswith(THINK) else ""  # the template opened the reasoning itself
-        return await respond(req, request, prompt, params, stop, chat=True, prefix=opened)
+    def chat_logprobs(entries: list) -> dict:
+        def one(token: int, logprob: float) -> dict:
+            return {"token": pieces.text(token), "logprob": logprob, "bytes": list(pieces.bytes(token))}
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
-        params, stop = params_of(req, req.max_tokens or 16)
-        prompt = tokenizer.encode(req.prompt)
-        if not prompt:
-            raise ApiError(400, "prompt: empty", param="prompt")
-        return await respond(req, request, prompt, params, stop, chat=False)
+        return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
+                            for e in entries if e.token != end]}
 
-    async def respond(req: Sampling, request: Request, prompt: list[int], params: dict, stop: list[str], chat: bool,
-                      prefix: str = ""):
+    def legacy(c: Choice, tokens: list[int], entries: list, wants_logprobs: bool) -> tuple[str, dict | None]:
+        """The text and OpenAI's legacy logprobs of these generated tokens, after the echoed prompt the first time
+        (its first entry None: the first token has no context)."""
+        text, prompt, prompt_entries = "", [], []
+        if not c.echoed:
+            c.echoed, text = True, c.echo
+            if c.echo and c.prompt_logprobs is not None:
+                prompt, prompt_entries = c.prompt, c.prompt_logprobs
+        if not wants_logprobs:
+            return text, None
+        offsets = pieces.offsets(prompt) + pieces.offsets(tokens, c.offset)
+        c.offset += pieces.chars(tokens)
+        tokens, entries = prompt + tokens, prompt_entries + entries
+        return text, {"tokens": [pieces.text(t) for t in tokens],
+                      "token_logprobs": [e.logprob if e is not None else None for e in entries],
+                      "top_logprobs": [{pieces.text(t): lp for t, lp in e.top} if e is not None else None
+                                       for e in entries],
+                      "text_offset": offsets}
+
+    async def respond(req: Sampling, request: Request, prompts: list[tuple[list[int], str]], params: dict,
+                      stop: list[str], chat: bool, prefix: str = ""):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
-        handles = await run(prompt, params, req.seed, req.n)
-        streams = [TextStream(tokenizer, stop, chat, chat_format.end, prefix) for _ in handles]
+        prompt_name = "messages" if chat else "prompt"
+        wants_logprobs = bool(req.logprobs) if chat else req.logprobs is not None
+        choices = submit(prompts, params, stop, req, chat, prefix)
         max_tokens = params["max_new_tokens"]
-        if not req.stream:
-            ends = []
+        if req.stream:  # the first event of each choice decides between a 400 and a stream
+            firsts = []
             try:
-                for h, s in zip(handles, streams):
-                    ends.append(await collect(h, s, max_tokens))
-            except BaseException:  # collect released the failing one; release the rest
-                for h in handles[len(ends) + 1:]:
-                    worker.done(h)
+                for c in choices:
+                    firsts.append(await first(c, prompt_name))
+            except BaseException:
+                release(choices)
                 raise
-            choices = []
-            for i, (s, e) in enumerate(zip(streams, ends)):
-                reasoning, content = s.parts(final=True)
-                body = ({"message": {"role": "assistant", "content": content, "reasoning_content": reasoning}}
-                        if chat else {"text": content})
-                choices.append({"index": i, **body, "finish_reason": e["finish_reason"], "logprobs": None})
-            return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-                    "model": req.model, "choices": choices, "usage": usage(prompt, streams)}
-        # streaming: the first event of each choice decides between a 400 and a stream
-        firsts = []
+            return EventStream(events(req, request, rid, created, prompts, choices, firsts, chat, max_tokens,
+                                      wants_logprobs))
         try:
-            for h in handles:
-                firsts.append(await first(h))
-        except ApiError:
-            for h in handles:
-                worker.done(h)
-            raise
-        return EventStream(events(req, request, rid, created, prompt, handles, streams, firsts, chat, max_tokens))
+            for c in choices:
+                event = await first(c, prompt_name)
+                while True:
+                    c.stream.feed(event.tokens)
+                    take(c, event)
+                    if event.error:
+                        raise ApiError(500, f"generation failed: {event.error}", kind="server_error")
+                    if event.finished:
+                        break
+                    event = await c.handle.events.get()
+                finished(c)
+        finally:
+            release(choices)
+        stats["completion_tokens"] += sum(len(c.stream.ids) for c in choices)
+        body = []
+        for c in choices:
+            reasoning, content = c.stream.parts(final=True)
+            if chat:
+                out = {"message": {"role": "assistant", "content": content, "reasoning_content": reasoning},
+                       "logprobs": chat_logprobs(c.logprobs) if wants_logprobs else None}
+            else:
+                echo, logprobs = legacy(c, c.stream.ids, c.logprobs, wants_logprobs)
+                out = {"text": echo + content, "logprobs": logprobs}
+            body.append({"index": c.index, **out, "finish_reason": finish_reason(c.stream, max_tokens)})
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": req.model, "choices": body, "usage": usage(request, prompts, choices)}
 
-    async def events(req, request, rid, created, prompt, handles, streams, firsts, chat,
-                     max_tokens) -> AsyncIterator[str]:
+    async def events(req, request, rid, created, prompts, choices, firsts, chat, max_tokens,
+                     wants_logprobs) -> AsyncIterator[str]:
         kind = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(i: int, delta: dict | None = None, finish: str | None = None, text: str = "") -> str:
-            choice = ({"index": i, "delta": delta or {}, "finish_reason": finish} if chat
-                      else {"index": i, "text": text, "finish_reason": finish})
+        def chunk(c: Choice, delta: dict | None = None, finish: str | None = None, text: str = "",
+                  logprobs: dict | None = None) -> str:
+            choice = ({"index": c.index, "delta": delta or {}, "logprobs": logprobs, "finish_reason": finish} if chat
+                      else {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": finish})
             return "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": req.model,
                                           "choices": [choice]}) + "\n\n"
 
-        pending = {i: e for i, e in enumerate(firsts)}
-        done = [False] * len(handles)
+        def pieces_of(c: Choice, event: Event, reasoning: str, content: str) -> list[str]:
+            """This event's chunks; its tokens' log-probabilities ride on the first (an empty delta when the
+            text is held back)."""
+            if chat:
+                logprobs = chat_logprobs(event.logprobs or []) if wants_logprobs else None
+                if logprobs is not None and not logprobs["content"]:
+                    logprobs = None
+                deltas = [d for d in ({"reasoning_content": reasoning} if reasoning else None,
+                                      {"content": content} if content else None) if d]
+                if logprobs and not deltas:
+                    deltas = [{}]
+                return [chunk(c, d, logprobs=logprobs if i == 0 else None) for i, d in enumerate(deltas)]
+            echo, logprobs = legacy(c, event.tokens, event.logprobs or [], wants_logprobs)
+            if logprobs is not None and not logprobs["tokens"]:
+                logprobs = None
+            return [chunk(c, text=echo + content, logprobs=logprobs)] if echo or content or logprobs else []
+
+        pending = {c.index: e for c, e in zip(choices, firsts)}
+        done = {c.index: False for c in choices}
         try:
             if chat:
-                for i in range(len(handles)):
-                    yield chunk(i, {"role": "assistant", "content": ""})
-            while not all(done):
-                for i, h in enumerate(handles):
-                    if done[i]:
+                for c in choices:
+                    yield chunk(c, {"role": "assistant", "content": ""})
+            while not all(done.values()):
+                for c in choices:
+                    if done[c.index]:
                         continue
-                    event = pending.pop(i, None) or await h.events.get()
-                    reasoning, content = streams[i].feed(event.tokens, final=event.finished)
-                    if reasoning:
-                        yield chunk(i, {"reasoning_content": reasoning})
-                    if content:
-                        yield chunk(i, {"content": content}, text=content)
+                    event = pending.pop(c.index, None) or await c.handle.events.get()
+                    reasoning, content = c.stream.feed(event.tokens, final=event.finished)
+                    take(c, event)
+                    for piece in pieces_of(c, event, reasoning, content):
+                        yield piece
                     if event.error:
                         yield "data: " + json.dumps({"error": {"message": event.error, "type": "server_error"}}) \
                               + "\n\n"
                     elif event.finished:
-                        yield chunk(i, finish=finish_reason(streams[i], max_tokens))
+                        yield chunk(c, finish=finish_reason(c.stream, max_tokens))
                     if event.finished:
-                        done[i] = True
-                        worker.done(h)
-                        stats["latency_sum"] += time.perf_counter() - h.submitted
-                        stats["latency_count"] += 1
+                        done[c.index] = True
+                        finished(c)
                     if await request.is_disconnected():
                         return
+            totals = usage(request, prompts, choices)
             if req.stream_options and req.stream_options.include_usage:
                 yield "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": req.model,
-                                             "choices": [], "usage": usage(prompt, streams)}) + "\n\n"
+                                             "choices": [], "usage": totals}) + "\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            for i, h in enumerate(handles):
-                if not done[i]:
-                    worker.done(h)  # the client left: cancel
-            stats["completion_tokens"] += sum(len(s.ids) for s in streams)
+            release(choices)  # those not finished: the client left, cancel them
+            stats["completion_tokens"] += sum(len(c.stream.ids) for c in choices)
+            usage(request, prompts, choices)  # a client that left: what it got
 
     app.state.worker = worker
+    app.add_middleware(RequestLog)  # outermost: ids and the access log cover every answer
     return app

@@ -1,9 +1,12 @@
 """`leanseek serve MODEL`: a model folder loaded on the chosen device, the engine stepping in the main thread and
-the OpenAI-compatible HTTP API (leanseek.serve.app) answering in another; Ctrl-C stops both."""
+the OpenAI-compatible HTTP API (leanseek.serve.app) answering in another, behind the limits of
+leanseek.serve.limits (timeouts, a connection cap, request ids, the access log); Ctrl-C stops both."""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import logging
 import sys
 import threading
 import time
@@ -18,6 +21,7 @@ from ..infer.engine import Engine
 from ..model.hf import load_hf
 from ..train.checkpoint import checkpoint_of
 from .app import create_app
+from .limits import server_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,10 +34,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=1024, help="tokens per sequence, prompt and reply")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait beyond --max-batch (then 429)")
     p.add_argument("--compile", action="store_true", help="compiled decode steps (faster after a warm-up)")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a request must arrive in full (headers and body) within SECONDS of its first byte (else 408 "
+                        "and the connection closed), and a stream whose client reads nothing for SECONDS is cut and "
+                        "its generation cancelled (default: %(default)g)")
+    p.add_argument("--keep-alive", type=float, default=5.0, metavar="SECONDS",
+                   help="close a connection idle between requests for SECONDS (default: %(default)g)")
+    p.add_argument("--max-connections", type=int, default=512, metavar="N",
+                   help="open connections served at once; more are answered 503 and closed (default: %(default)d)")
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                   help="one line per request on stderr: client, method, path, status, tokens (prompt/completion), "
+                        "latency, request id (the response's x-request-id); on unless --no-access-log")
     add_device_arguments(p)
 
 
+def open_network_warning(host: str, api_key: str | None) -> str | None:
+    """The warning `leanseek serve` prints when it listens beyond this machine without an API key."""
+    if api_key:
+        return None
+    try:
+        local = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        local = host == "localhost"
+    if local:
+        return None
+    return (f"warning: serving on {host} without --api-key: anyone who can reach this port can use the API; "
+            f"set --api-key KEY (clients send Authorization: Bearer KEY) or serve on 127.0.0.1")
+
+
+def log_to_stderr(access_log: bool) -> None:
+    """The access log (leanseek.access) on stderr; with access_log off, only its warnings (cut clients)."""
+    logger = logging.getLogger("leanseek.access")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if access_log else logging.WARNING)
+    logger.propagate = False
+
+
 def run(args) -> None:
+    for flag, value in (("--timeout", args.timeout), ("--keep-alive", args.keep_alive),
+                        ("--max-connections", args.max_connections)):
+        if not value > 0:
+            sys.exit(f"{flag} must be positive, not {value}")
+    if (warning := open_network_warning(args.host, args.api_key)) is not None:
+        print(warning, file=sys.stderr)
     device = use_device(args)
     path = checkpoint_of(Path(args.model))
     model = load_hf(path, dtype=inference_dtype(device), device=device)
@@ -42,7 +87,9 @@ def run(args) -> None:
     name = args.name or Path(args.model).resolve().name
     app = create_app(engine, tokenizer, name, api_key=args.api_key, max_queue=args.max_queue, worker_thread=False,
                      chat_format=chat_format(path))
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+    log_to_stderr(args.access_log)
+    server = uvicorn.Server(server_config(app, args.host, args.port, timeout=args.timeout, keep_alive=args.keep_alive,
+                                          max_connections=args.max_connections, log_level="warning"))
     server.install_signal_handlers = lambda: None  # Ctrl-C reaches the main thread, which stops both
     http = threading.Thread(target=server.run, daemon=True)
     http.start()

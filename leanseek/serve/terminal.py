@@ -56,7 +56,7 @@ class TerminalChat:
         """Send a user message and stream the answer; Ctrl-C stops it (what came so far is kept)."""
         self.messages.append({"role": "user", "content": text})
         prompt = encode_chat(self.tokenizer, self.messages, add_generation_prompt=True)[0]
-        forced = [] if self.think else self.tokenizer.encode(THINK + END_THINK)
+        forced = [] if self.think else self.tokenizer.encode_markup(THINK + END_THINK)
         stream = TextStream(self.tokenizer, [], chat=True)
         if forced:
             stream.feed(forced)

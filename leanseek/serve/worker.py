@@ -26,6 +26,8 @@ class Event:
     finished: bool = False
     error: str | None = None
     rejected: bool = False  # the engine refused the request before running it (bad input: HTTP 400)
+    logprobs: list | None = None  # the engine's TokenLogprob for each of `tokens`, when the request asked
+    prompt_logprobs: list | None = None  # on the first event, when the request asked: one per prompt token
 
 
 @dataclass
@@ -100,6 +102,7 @@ class EngineWorker:
                         handle.put(Event([], True, str(e), rejected=True))
                 elif handle.id is not None and self._handles.pop(handle.id, None) is not None:
                     self.engine.cancel(handle.id)
+            self.running = len(self._handles)  # here, not after a step: cancellations leave the engine idle
             if not self.engine.pending:
                 continue
             try:
@@ -109,11 +112,11 @@ class EngineWorker:
                     self.engine.cancel(rid)
                     self._handles.pop(rid).put(Event([], True, f"{type(e).__name__}: {e}"))
                 continue
-            self.running = len(self._handles)
             for o in outputs:
                 handle = self._handles.get(o.request)
                 if handle is None:
                     continue
                 if o.finished:
                     del self._handles[o.request]
-                handle.put(Event(o.tokens, o.finished, o.error))
+                handle.put(Event(o.tokens, o.finished, o.error, logprobs=o.logprobs,
+                                 prompt_logprobs=o.prompt_logprobs))
