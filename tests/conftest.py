@@ -1,11 +1,14 @@
 import itertools
 import os
 import random
+import socket
+import threading
 import time
 import warnings
 
 import pytest
 import torch
+import uvicorn
 
 import leanseek
 from leanseek.infer.engine import Output
@@ -97,3 +100,48 @@ class ScriptedEngine:
             else:
                 self.running[rid] = (reply, i + 1)
         return outs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """An ASGI app under uvicorn in a thread, on a free loopback port. config: makes the uvicorn.Config from the
+    port (default: the app, quiet)."""
+
+    def __init__(self, app, config=None):
+        self.app, self.port = app, free_port()
+        config = config or (lambda port: uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+        self.server = uvicorn.Server(config(self.port))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def alternating_drafter(truth: dict, vocab_size: int):
+    """A stand-in for MTP (a hook run on each running request): its draft is right at every other step, the next
+    token of truth[prompt] (the reference output), and wrong at the others."""
+    calls = [0]
+
+    def draft(r):
+        if r.draft is not None:
+            calls[0] += 1
+            right = truth[tuple(r.prompt)][len(r.output)]
+            r.draft = right if calls[0] % 2 else (right + 1) % vocab_size
+
+    return draft

@@ -155,7 +155,8 @@ def test_reasoning_object_and_xhigh_as_proxies_send_them(client, sent):
     """`reasoning: {"effort": "none"}` (the Responses API's form) closes the think block as reasoning_effort does;
     "xhigh" is accepted as the other efforts are."""
     client.chat.completions.create(model="micro", messages=CHAT, max_tokens=2, reasoning_effort="none")
-    client.chat.completions.create(model="micro", messages=CHAT, max_tokens=2, extra_body={"reasoning": {"effort": "none"}})
+    client.chat.completions.create(model="micro", messages=CHAT, max_tokens=2,
+                                   extra_body={"reasoning": {"effort": "none"}})
     client.chat.completions.create(model="micro", messages=CHAT, max_tokens=2)
     client.chat.completions.create(model="micro", messages=CHAT, max_tokens=2, reasoning_effort="xhigh")
     assert sent[0][0] == sent[1][0] != sent[2][0] == sent[3][0]

@@ -6,16 +6,12 @@ Log-probabilities are checked against a full forward of the model (log_softmax o
 output); greedy replies against the engine's own greedy generation; prompt sizes against encode_chat."""
 
 import json
-import socket
-import threading
-import time
 
 import httpx
 import openai
 import pytest
 import torch
-import uvicorn
-from conftest import randomise, small_config
+from conftest import LiveServer, randomise, small_config
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
@@ -32,34 +28,8 @@ PROMPT = "A harbor is"
 MAX_LEN = 320  # room for LangChain's default max_tokens=256 on /v1/completions
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """create_app under uvicorn in a thread, on a free loopback port."""
-
-    def __init__(self, model, tok):
-        self.app = create_app(leanseek.Engine(model, tok, max_batch=4, max_len=MAX_LEN), tok, MODEL, max_queue=16)
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+def serve(model, tok) -> LiveServer:
+    return LiveServer(create_app(leanseek.Engine(model, tok, max_batch=4, max_len=MAX_LEN), tok, MODEL, max_queue=16))
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +42,7 @@ def setup():
 
 @pytest.fixture(scope="module")
 def server(setup):
-    with Server(*setup) as s:
+    with serve(*setup) as s:
         yield s
 
 

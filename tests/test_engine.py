@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import randomise, small_config
+from conftest import alternating_drafter, randomise, small_config
 
 import leanseek
 from leanseek import Engine
@@ -125,14 +125,7 @@ def test_speculative_accepted_drafts_commit_two_tokens(model):
     are counted, and each accepted step commits the draft plus a bonus token."""
     engine = Engine(model, max_batch=4, max_len=64)
     ref = {tuple(p): reference_greedy(model, p, 10) for p in PROMPTS}
-    calls = [0]
-
-    def oracle(r):
-        if r.draft is not None:
-            calls[0] += 1
-            truth = ref[tuple(r.prompt)][len(r.output)]
-            r.draft = truth if calls[0] % 2 else (truth + 1) % model.cfg.vocab_size
-
+    oracle = alternating_drafter(ref, model.cfg.vocab_size)
     outs = drive(engine, PROMPTS, oracle, max_new_tokens=10, speculative=True)
     assert outs == [ref[tuple(p)] for p in PROMPTS]
     assert 0 < engine.stats["accepted"] < engine.stats["drafted"]

@@ -7,13 +7,10 @@ the test."""
 
 import json
 import socket
-import threading
-import time
 
 import pytest
 import torch
-import uvicorn
-from conftest import randomise, small_config
+from conftest import LiveServer, randomise, small_config
 
 import leanseek
 from leanseek.data import train_tokenizer
@@ -35,25 +32,6 @@ MULTIPLE_CHOICE = [
 QUESTIONS = ["What is a harbor?", "Where do ships dock?", "Be brief.", "What is the sum?"]
 MAX_GEN = 6
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
-
-
-class Server:
-    def __init__(self, app):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture
@@ -173,7 +151,7 @@ def test_lm_eval_scores_are_the_models_own(tmp_path, offline):
     app = create_app(leanseek.Engine(model, tok, max_batch=4, max_len=128), tok, MODEL)
     bodies: list[dict] = []
     manager = TaskManager(include_path=str(tasks), include_defaults=False)  # indexing lm-eval's own tasks: 16 s
-    with Server(recording(app, bodies)) as server:
+    with LiveServer(recording(app, bodies)) as server:
         out = simple_evaluate(
             model="local-completions",
             model_args={"model": MODEL, "base_url": f"http://127.0.0.1:{server.port}/v1/completions",

@@ -3,7 +3,7 @@ the prompt and output (expanded attention, no cache)."""
 
 import pytest
 import torch
-from conftest import randomise, small_config
+from conftest import alternating_drafter, randomise, small_config
 
 import leanseek
 import leanseek.infer.engine as engine_module
@@ -182,14 +182,7 @@ def test_speculative_logprobs(model, temperature):
         return
 
     truth = {tuple(p): t for p, t in zip(prompts, without)}
-    calls = [0]
-
-    def oracle(r):
-        if r.draft is not None:
-            calls[0] += 1
-            right = truth[tuple(r.prompt)][len(r.output)]
-            r.draft = right if calls[0] % 2 else (right + 1) % model.cfg.vocab_size
-
+    oracle = alternating_drafter(truth, model.cfg.vocab_size)
     engine = Engine(model, max_batch=3, max_len=64)
     outputs = run(engine, [(p, dict(kw, logprobs=2)) for p in prompts], oracle)
     assert engine.stats["accepted"] > 0

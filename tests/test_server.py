@@ -3,18 +3,15 @@ seeds, every error status, cancellation on disconnect."""
 
 import io
 import json
-import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from conftest import ScriptedEngine, quiet, randomise, small_config  # noqa: F401
+from conftest import LiveServer, ScriptedEngine, quiet, randomise, small_config  # noqa: F401
 
 import leanseek
 from leanseek.data import train_tokenizer
@@ -25,12 +22,6 @@ TEXTS = ["What is the sum of numbers? A harbor is a port. Be brief and think abo
 CHAT = [{"role": "user", "content": "What is a harbor?"}]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def setup():
     tok = train_tokenizer(iter(TEXTS), 300)
@@ -39,27 +30,10 @@ def setup():
     return model, tok
 
 
-class Server:
+class Server(LiveServer):
     def __init__(self, model, tok, engine=None, **kw):
         self.engine = engine or leanseek.Engine(model, tok, max_batch=kw.pop("max_batch", 4), max_len=128)
-        self.app = create_app(self.engine, tok, "micro", **kw)
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        super().__init__(create_app(self.engine, tok, "micro", **kw))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 import uvicorn
-from conftest import ScriptedEngine
+from conftest import LiveServer, ScriptedEngine
 
 from leanseek.data import train_tokenizer
 from leanseek.serve import create_app
@@ -31,32 +31,14 @@ def tok():
     return train_tokenizer(iter(TEXTS), 300)
 
 
-class Server:
+class Server(LiveServer):
     """create_app over a scripted engine, served by uvicorn with the connection layer's limits."""
 
     def __init__(self, tok, reply: str = " harbor" * 3, delay: float = 0.001, **limits):
         self.engine = ScriptedEngine([tok.encode_markup("<think></think>" + reply + "<|end|>")], delay=delay)
-        self.app = create_app(self.engine, tok, "micro")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
         limits = {"timeout": TIMEOUT, "keep_alive": 5.0, "max_connections": 16, **limits}
-        self.server = uvicorn.Server(server_config(self.app, port=self.port, log_level="error", **limits))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        app = create_app(self.engine, tok, "micro")
+        super().__init__(app, lambda port: server_config(app, port=port, log_level="error", **limits))
 
     def connect(self, rcvbuf: int | None = None) -> socket.socket:
         sock = socket.socket()
