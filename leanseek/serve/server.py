@@ -20,7 +20,7 @@ from ..device import add_device_arguments, inference_dtype, use_device
 from ..infer.engine import Engine
 from ..model.hf import load_hf
 from ..train.checkpoint import checkpoint_of
-from .app import create_app
+from .app import MAX_REQUEST_TOKENS, create_app
 from .limits import server_config
 
 
@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded at once")
     p.add_argument("--max-len", type=int, default=1024, help="tokens per sequence, prompt and reply")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait beyond --max-batch (then 429)")
+    p.add_argument("--max-request-tokens", type=int, default=MAX_REQUEST_TOKENS, metavar="N",
+                   help="the most tokens one request may ask to generate, prompts x n x max_tokens (past it: a 400 "
+                        "naming n or max_tokens; default: %(default)d)")
     p.add_argument("--compile", action="store_true", help="compiled decode steps (faster after a warm-up)")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                    help="a request must arrive in full (headers and body) within SECONDS of its first byte (else 408 "
@@ -74,7 +77,7 @@ def log_to_stderr(access_log: bool) -> None:
 
 def run(args) -> None:
     for flag, value in (("--timeout", args.timeout), ("--keep-alive", args.keep_alive),
-                        ("--max-connections", args.max_connections)):
+                        ("--max-connections", args.max_connections), ("--max-request-tokens", args.max_request_tokens)):
         if not value > 0:
             sys.exit(f"{flag} must be positive, not {value}")
     if (warning := open_network_warning(args.host, args.api_key)) is not None:
@@ -86,7 +89,7 @@ def run(args) -> None:
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_len=args.max_len, compile=args.compile)
     name = args.name or Path(args.model).resolve().name
     app = create_app(engine, tokenizer, name, api_key=args.api_key, max_queue=args.max_queue, worker_thread=False,
-                     chat_format=chat_format(path))
+                     chat_format=chat_format(path), max_request_tokens=args.max_request_tokens)
     log_to_stderr(args.access_log)
     server = uvicorn.Server(server_config(app, args.host, args.port, timeout=args.timeout, keep_alive=args.keep_alive,
                                           max_connections=args.max_connections, log_level="warning"))
