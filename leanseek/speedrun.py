@@ -278,16 +278,19 @@ def write_chats(path: Path, counts: dict, files: list[str] = ()) -> None:
     import random
 
     from .data.chat import read_chats
-    from .data.instructions import SUMS_THINK_RATE, definitions, greetings, python_answers, task_chats
+    from .data.instructions import SUMS_THINK_RATE, definitions, greetings, python_answers, task_chats, tool_chats
 
     rng = random.Random(0)
-    chats = definitions(rng, counts["definitions"]) * counts.get("definition_repeats", 1)
+    tools = counts.get("tools", 0)  # conversations that call the built-in define tool (for words never taught)
+    taught = definitions(rng, counts["definitions"], taught_only=tools > 0)
+    chats = taught * counts.get("definition_repeats", 1)
+    chats += tool_chats(rng, tools, taught) if tools else []
     chats += python_answers(rng, counts["python"]) + greetings(rng, counts["greetings"])
     chats += task_chats(rng, "sums", counts["sums"], 0, counts.get("think_rate", SUMS_THINK_RATE))
     for file in files:
         chats += read_chats(file)
     rng.shuffle(chats)
-    write_text_atomic(path, "".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    write_text_atomic(path, "".join(json.dumps(c if isinstance(c, dict) else {"messages": c}) + "\n" for c in chats))
 
 
 def _probes(out: Path, preset: dict) -> None:

@@ -145,3 +145,84 @@ def alternating_drafter(truth: dict, vocab_size: int):
             r.draft = right if calls[0] % 2 else (right + 1) % vocab_size
 
     return draft
+
+
+def tokenizer_pair(texts: list[str], folder, vocab_size: int = 400):
+    """A leanseek tokenizer trained on texts and saved in folder, and transformers' AutoTokenizer of that folder."""
+    from transformers import AutoTokenizer
+
+    from leanseek.data import TextTokenizer, train_tokenizer
+
+    train_tokenizer(iter(texts), vocab_size).save(folder)
+    return TextTokenizer.load(folder), AutoTokenizer.from_pretrained(folder)
+
+
+def ids_of(encoded) -> list[int]:
+    """The ids of what apply_chat_template returned (a list, or a BatchEncoding in newer transformers)."""
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def chat_session(engine, tok, lines: list[str], **kw):
+    """`leanseek chat` (TerminalChat) typed `lines` into, then Ctrl-D: the chat and what it printed."""
+    import io
+
+    from leanseek.serve.terminal import TerminalChat
+
+    out = io.StringIO()
+    chat = TerminalChat(engine, tok, temperature=0, out=out, color=False, **kw)
+    feed = iter(lines)
+
+    def read(_prompt):
+        try:
+            return next(feed)
+        except StopIteration:
+            raise EOFError from None
+
+    chat.run(read)
+    return chat, out.getvalue()
+
+
+def leanseek_layout(tok, theirs, messages, tools=None, add=False):
+    """leanseek's chat layout written out by hand, the text encoded by transformers (theirs) with special-token
+    matching off: (ids, assistant mask). An independent check of ChatFormat.encode and encode_chat."""
+    import json
+
+    from leanseek.data.tokenizer import (ASSISTANT, BOS, END_OF_TURN, END_THINK, SYSTEM, THINK, TOOL, TOOL_ARGS,
+                                         TOOL_CALL, TOOLS, USER)
+
+    c = tok.token_id
+    ids, mask = [], []
+
+    def put(tokens, learned=False):
+        ids.extend(tokens)
+        mask.extend([learned] * len(tokens))
+
+    def text(s):
+        return theirs.encode(s, add_special_tokens=False, split_special_tokens=True)
+
+    put([c(BOS)])
+    skip = None
+    if tools:
+        system = ""
+        if messages and messages[0]["role"] == "system":
+            system, skip = messages[0]["content"], 0
+        put([c(SYSTEM), *text(system), c(TOOLS),
+             *text(json.dumps(tools, ensure_ascii=False, separators=(",", ":"))), c(END_OF_TURN)])
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    for i, m in enumerate(messages):
+        if i == skip:
+            continue
+        if m["role"] == "assistant":
+            reasoning = m.get("reasoning_content") or "" if i > last_user else ""
+            body = [c(THINK), *text(reasoning), c(END_THINK), *text(m["content"])]
+            for call in m.get("tool_calls", []):
+                body += [c(TOOL_CALL), *text(call["function"]["name"]), c(TOOL_ARGS),
+                         *text(call["function"]["arguments"])]
+            put([c(ASSISTANT)])
+            put([*body, c(END_OF_TURN)], learned=True)
+        else:
+            role = {"system": SYSTEM, "user": USER, "tool": TOOL}[m["role"]]
+            put([c(role), *text(m["content"]), c(END_OF_TURN)])
+    if add:
+        put([c(ASSISTANT)])
+    return ids, mask

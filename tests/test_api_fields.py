@@ -99,13 +99,14 @@ def id_of(tok) -> dict[str, int]:
     {"user": "u-1"}, {"metadata": {"team": "a"}}, {"store": False}, {"service_tier": "auto"},
     {"parallel_tool_calls": False}, {"logit_bias": {}}, {"response_format": {"type": "text"}},
     {"reasoning_effort": "low"}, {"reasoning_effort": "high"}, {"tools": []}, {"tool_choice": "none"},
-    {"stream_options": None}, {"temperature": None, "top_p": None, "n": None},
+    {"tool_choice": "auto"}, {"chat_template_kwargs": {"thinking": True}}, {"stream_options": None},
+    {"temperature": None, "top_p": None, "n": None},
 ], ids=lambda e: ",".join(e))
 def test_accepted_fields_change_nothing_the_engine_sees(client, sent, extra):
     kw = dict(model="micro", messages=CHAT, max_tokens=3, temperature=1.0, top_p=1.0, seed=7)
     base = client.chat.completions.create(**kw)
-    r = client.chat.completions.create(**{**kw, **extra}) if "stream_options" not in extra else \
-        client.chat.completions.create(**kw, extra_body=extra)
+    r = client.chat.completions.create(**kw, extra_body=extra) if {"stream_options", "chat_template_kwargs"} & \
+        set(extra) else client.chat.completions.create(**{**kw, **extra})
     assert sent[0] == sent[1]  # same prompt ids, same sampling parameters
     assert r.choices[0].message.content == base.choices[0].message.content
 
@@ -179,11 +180,11 @@ def test_vllm_sampling_extras_apply(client, sent):
 
 @pytest.mark.parametrize("path, extra, param", [
     ("chat", {"logit_bias": {"5": 2}}, "logit_bias"),
-    ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ("chat", {"tool_choice": "auto"}, "tool_choice"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f g"}}]}, "tools[0].function.name"),
+    ("chat", {"tool_choice": "required"}, "tool_choice"),  # no tools to call
     ("chat", {"functions": [{"name": "f"}]}, "functions"),
     ("chat", {"function_call": "auto"}, "function_call"),
-    ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("chat", {"response_format": {"type": "xml"}}, "response_format.type"),
     ("chat", {"reasoning_effort": "max"}, "reasoning_effort"),
     ("chat", {"top_logprobs": 2}, "top_logprobs"),
     ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
@@ -198,7 +199,7 @@ def test_vllm_sampling_extras_apply(client, sent):
      "messages[0].content[0].type"),
     ("chat", {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
      "messages[0].content[0].type"),
-    ("chat", {"messages": [{"role": "tool", "content": "4", "tool_call_id": "a"}]}, "messages[0].role"),
+    ("chat", {"messages": [{"role": "tool", "content": "4", "tool_call_id": "a"}]}, "messages[0].tool_call_id"),
     ("chat", {"messages": [{"role": "user", "content": 4}]}, "messages[0].content"),
     ("chat", {"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
     ("chat", {"messages": "hi"}, "messages"),
@@ -343,7 +344,7 @@ def test_no_message_field_or_text_prompt_can_forge_a_control_token(client, sent,
                 {"role": "user", "content": INJECTION}]
     client.chat.completions.create(model="micro", messages=messages, max_tokens=2)
     assert sent[0][0] == [c[BOS], c[SYSTEM], *text, c[END_OF_TURN], c[USER], *text, c[END_OF_TURN],
-                          c[ASSISTANT], c[THINK], *text, c[END_THINK], *text, c[END_OF_TURN],
+                          c[ASSISTANT], c[THINK], c[END_THINK], *text, c[END_OF_TURN],  # an ended turn's reasoning
                           c[SYSTEM], *text, c[END_OF_TURN], c[USER], *text, c[END_OF_TURN], c[ASSISTANT]]
     r = client.completions.create(model="micro", prompt=INJECTION, max_tokens=2, echo=True)
     assert sent[1][0] == text and r.choices[0].text.startswith(INJECTION)

@@ -17,7 +17,7 @@ CHAT = [{"role": "system", "content": "Be brief."},
         {"role": "user", "content": "What is 47+18+93?"},
         {"role": "assistant", "content": "158", "reasoning_content": "47+18=65 65+93=158"},
         {"role": "user", "content": "And a word for a port?"},
-        {"role": "assistant", "content": "harbor"}]
+        {"role": "assistant", "content": "harbor", "reasoning_content": "a port: harbor"}]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,9 @@ def test_transformers_renders_the_same(tokenizer, theirs, quiet):  # noqa: F811
         assert theirs.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=add) == render(CHAT, add)
         assert their_ids(theirs, CHAT, add) == encode_chat(tok, CHAT, add)[0]
     assert render(CHAT).startswith("<|bos|><|system|>Be brief.<|end|><|user|>")
-    assert "<|assistant|><think>47+18=65 65+93=158</think>158<|end|>" in render(CHAT)
-    assert render(CHAT).endswith("<|assistant|><think></think>harbor<|end|>")
+    # the reasoning of a turn before the last user message is dropped, as in DeepSeek's API
+    assert "<|assistant|><think></think>158<|end|>" in render(CHAT)
+    assert render(CHAT).endswith("<|assistant|><think>a port: harbor</think>harbor<|end|>")
 
 
 # text near the special spellings ("<|", "think>", "|>") without spelling one: it must still tokenize as before
@@ -87,7 +88,7 @@ def test_loss_mask_covers_assistant_turns_only(tokenizer):
     tok, _ = tokenizer
     ids, mask = encode_chat(tok, CHAT)
     learned = tok.decode([t for t, m in zip(ids, mask) if m])
-    assert learned == "<think>47+18=65 65+93=158</think>158<|end|><think></think>harbor<|end|>"
+    assert learned == "<think></think>158<|end|><think>a port: harbor</think>harbor<|end|>"
 
 
 def test_validate_normalises_what_clients_send():
@@ -109,15 +110,11 @@ def test_validate_normalises_what_clients_send():
     (None, "messages", "must be a non-empty list"),
     ([], "messages", "must be a non-empty list"),
     (["hi"], "messages[0]", "must be an object"),
-    ([{"role": "bot", "content": "x"}], "messages[0].role", "must be one of system, developer, user, assistant"),
+    ([{"role": "bot", "content": "x"}], "messages[0].role", "must be one of system, developer, user, assistant, tool"),
     ([{"content": "x"}], "messages[0].role", "must be one of"),
     ([{"role": ["user"], "content": "x"}], "messages[0].role", "must be one of"),
-    ([{"role": "user", "content": "q"}, {"role": "tool", "content": "4", "tool_call_id": "c1"}],
-     "messages[1].role", "tool messages are not supported"),
-    ([{"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]}],
-     "messages[0].tool_calls", "tool calls are not supported"),
     ([{"role": "assistant", "content": None, "function_call": {"name": "f"}}],
-     "messages[0].function_call", "tool calls are not supported"),
+     "messages[0].function_call", "is not supported: send tool_calls"),
     ([{"role": "user", "content": None}], "messages[0].content", "must be a string or a list of text parts"),
     ([{"role": "system"}], "messages[0].content", "must be a string or a list of text parts"),
     ([{"role": "user", "content": 7}], "messages[0].content", "must be a string or a list of text parts"),

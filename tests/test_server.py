@@ -1,7 +1,6 @@
 """leanseek serve, driven with the official openai client and raw HTTP: streaming and not, usage, stop strings,
 seeds, every error status, cancellation on disconnect."""
 
-import io
 import json
 import time
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from conftest import LiveServer, ScriptedEngine, quiet, randomise, small_config  # noqa: F401
+from conftest import LiveServer, ScriptedEngine, chat_session, quiet, randomise, small_config  # noqa: F401
 
 import leanseek
 from leanseek.data import train_tokenizer
@@ -144,14 +143,39 @@ JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.one_of(st.lists(inner,
 FIELDS = ["model", "messages", "prompt", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop",
           "seed", "n", "presence_penalty", "frequency_penalty", "stream", "stream_options", "logprobs", "top_logprobs",
           "echo", "reasoning_effort", "tools", "tool_choice", "functions", "response_format", "logit_bias", "user",
-          "metadata", "store", "service_tier", "parallel_tool_calls", "suffix", "best_of"]
+          "metadata", "store", "service_tier", "parallel_tool_calls", "suffix", "best_of", "chat_template_kwargs"]
 PART = st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url", 1]), "text": st.text(max_size=10)})
 MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "developer", "tool", 3]),
                                  "content": st.one_of(st.text(max_size=30), st.integers(), st.none(),
                                                       st.lists(PART, max_size=2))})
 IDS = st.lists(st.integers(-2, 400), min_size=0, max_size=6)
+OBJECT = {"type": "object", "properties": {"a": {"enum": [1, 2]}}, "required": ["a"]}
+SCHEMA = st.sampled_from([OBJECT] * 4 + [{"type": "object"}, {"type": "string"}, {"type": "nonsense"},
+                                         {"minimum": "x"}, [], None])
+TOOL = st.fixed_dictionaries({"type": st.sampled_from(["function"] * 5 + ["retrieval"]), "function": st.one_of(
+    st.fixed_dictionaries({"name": st.sampled_from(["f", "g"] * 4 + ["bad name", ""]), "parameters": SCHEMA,
+                           "strict": st.sampled_from([True, False, None, "yes"])}), JSON_VALUES.filter(
+        lambda v: not isinstance(v, dict)))})
+TOOL_CHOICE = st.one_of(st.sampled_from(["auto", "none", "required", "any", None]), st.fixed_dictionaries({
+    "type": st.sampled_from(["function", "x"]), "function": st.fixed_dictionaries({"name": st.sampled_from(
+        ["f", "g", "h", 1])})}))
+RESPONSE_FORMAT = st.one_of(st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "json_schema",
+                                                                            "x"])}),
+                            st.fixed_dictionaries({"type": st.just("json_schema"), "json_schema": st.fixed_dictionaries(
+                                {"name": st.sampled_from(["r", "bad name"]), "schema": SCHEMA,
+                                 "strict": st.sampled_from([True, None, 3])})}))
+CALL = st.fixed_dictionaries({"id": st.sampled_from(["c1", "c2", 5]), "type": st.just("function"),
+                              "function": st.fixed_dictionaries({"name": st.sampled_from(["f", ""]), "arguments":
+                                                                 st.one_of(st.just('{"a": 1}'), JSON_VALUES)})})
+TURN = st.one_of(MESSAGE, st.fixed_dictionaries({"role": st.just("assistant"), "content": st.none(),
+                                                 "tool_calls": st.lists(CALL, max_size=2)}),
+                 st.fixed_dictionaries({"role": st.just("tool"), "content": st.text(max_size=10),
+                                        "tool_call_id": st.sampled_from(["c1", "c2", None])}))
 SMALL = {"max_tokens": st.integers(-2, 140), "n": st.integers(-1, 3), "model": st.sampled_from(["micro", "x", 1]),
-         "messages": st.lists(MESSAGE, max_size=3),
+         "messages": st.lists(TURN, max_size=4), "tools": st.one_of(st.lists(TOOL, max_size=2), JSON_VALUES),
+         "tool_choice": TOOL_CHOICE, "response_format": st.one_of(RESPONSE_FORMAT, JSON_VALUES),
+         "chat_template_kwargs": st.dictionaries(st.sampled_from(["thinking", "tools", "namespace", "x"]), JSON_VALUES,
+                                                 max_size=2),
          "prompt": st.one_of(st.text(max_size=30), JSON_VALUES, IDS, st.lists(IDS, max_size=2)),
          "stream": st.booleans(), "logprobs": st.one_of(st.booleans(), st.integers(-1, 6)),
          "top_logprobs": st.integers(-1, 21), "echo": st.booleans(),
@@ -172,25 +196,37 @@ def test_fuzzed_requests_never_get_a_5xx(server, body, path):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
-def test_terminal_chat(setup):
-    from leanseek.serve.terminal import TerminalChat
+TOOL_BODIES = st.fixed_dictionaries({"model": st.just("micro"),
+                                     "messages": st.one_of(st.just([]), st.lists(TURN, max_size=3)).map(
+                                         lambda turns: [*CHAT, *turns]),
+                                     "max_tokens": st.integers(1, 8), "stream": st.booleans()},
+                                    optional={"tools": st.lists(TOOL, max_size=2), "tool_choice": TOOL_CHOICE,
+                                              "response_format": RESPONSE_FORMAT,
+                                              "parallel_tool_calls": st.sampled_from([True, False, None, "no"]),
+                                              "reasoning_effort": st.sampled_from(["none", "high"]),
+                                              "chat_template_kwargs": SMALL["chat_template_kwargs"]})
 
+
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(body=TOOL_BODIES)
+def test_fuzzed_tool_requests_never_get_a_5xx(server, body):
+    """Tools, tool choices, response formats and tool histories, well-formed or not: a 2xx (constrained or not,
+    streamed or not) or a 4xx naming the problem."""
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code < 500, (body, r.text)
+    if r.status_code >= 400:
+        assert "message" in r.json()["error"]
+    elif not body["stream"]:
+        assert r.json()["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")
+    else:
+        assert 'data: {"error"' not in r.text, (body, r.text)
+
+
+def test_terminal_chat(setup):
     model, tok = setup
 
     def session(lines):
-        out = io.StringIO()
-        chat = TerminalChat(leanseek.Engine(model, tok, max_batch=1, max_len=128), tok, temperature=0,
-                            max_new_tokens=6, out=out, color=False)
-        feed = iter(lines)
-
-        def read(_prompt):
-            try:
-                return next(feed)
-            except StopIteration:
-                raise EOFError from None
-
-        chat.run(read)
-        return chat, out.getvalue()
+        return chat_session(leanseek.Engine(model, tok, max_batch=1, max_len=128), tok, lines, max_new_tokens=6)
 
     chat, text = session(["hello \\", "there", "/think off", "hi", "/temperature -1", "/temperature 0.5"])
     assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]

@@ -10,6 +10,7 @@ import pytest
 
 from leanseek.cli import main, parser
 from leanseek.data.instructions import GREETINGS
+from leanseek.data.builtin import BUILTINS
 from leanseek.eval.report import SECTIONS
 from leanseek.model.config import ModelConfig
 from leanseek.speedrun import SPEEDRUNS, Stage, dry_run, stages
@@ -68,6 +69,11 @@ def test_report_has_every_section_with_the_runs_figures(micro):
     assert f"| bytes per token | {kv['mla_bytes_per_token']:,} | {kv['mha_bytes_per_token']:,} |" in report
     assert f"{probes['mtp_acceptance']['rl']['rate']:.1%}" in report
     assert probes["samples"][0]["content"] in report
+    tools = probes["tools"]
+    assert bool(tools) == BUILTINS["wordnet"].available()  # None without WordNet (Debian's wordnet-base)
+    if tools:
+        with_tool = [tools[s]["with tool"]["f1"] for s in ("sft", "rl")]
+        assert f"| definition F1 with the tool | {with_tool[0]:.2f} | {with_tool[1]:.2f} |" in report
     pretrain = [json.loads(line) for line in (micro / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert f"| after 30 steps | {pretrain[-1]['val_bpb']:.3f} |" in report
     cfg = json.loads((micro / "rl" / "latest" / "config.json").read_text())

@@ -23,7 +23,11 @@ from ..atomic import write_text_atomic
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT, END_OF_TURN = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 THINK, END_THINK = "<think>", "</think>"
-SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END_OF_TURN, THINK, END_THINK]
+TOOLS, TOOL_CALL, TOOL_ARGS, TOOL = "<|tools|>", "<|tool_call|>", "<|tool_args|>", "<|tool|>"
+BASE_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END_OF_TURN, THINK, END_THINK]
+# appended, so a tokenizer made before tool support (which lacks them) keeps every other token's id
+TOOL_TOKENS = [TOOLS, TOOL_CALL, TOOL_ARGS, TOOL]
+SPECIAL_TOKENS = BASE_TOKENS + TOOL_TOKENS
 # GPT-2's split, less its digit runs: digits are isolated first, one per token
 _SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -40,9 +44,10 @@ class TextTokenizer:
     """A thin wrapper over a `tokenizers.Tokenizer` with leanseek's special tokens."""
 
     def __init__(self, tokenizer: Tokenizer, strict: bool = True):
-        """strict: require leanseek's special tokens (a foreign model's tokenizer, for serving, has its own)."""
+        """strict: require leanseek's special tokens (a foreign model's tokenizer, for serving, has its own); the
+        tool tokens are optional, as tokenizers made before tool support lack them (see `supports_tools`)."""
         self.tk = tokenizer
-        missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
+        missing = [t for t in BASE_TOKENS if tokenizer.token_to_id(t) is None]
         if missing and strict:
             raise ValueError(f"tokenizer lacks the special tokens {missing}")
         self.bos_id, self.eos_id, self.pad_id = (tokenizer.token_to_id(t) for t in (BOS, EOS, PAD))
@@ -60,6 +65,11 @@ class TextTokenizer:
         config = json.loads(tokenizer.to_str())
         config["added_tokens"] = []
         self._text = Tokenizer.from_str(json.dumps(config))
+
+    @property
+    def supports_tools(self) -> bool:
+        """Whether it has leanseek's four tool tokens (tokenizers made before tool support do not)."""
+        return all(self.tk.token_to_id(t) is not None for t in TOOL_TOKENS)
 
     @property
     def vocab_size(self) -> int:
@@ -126,7 +136,9 @@ class TextTokenizer:
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
-            "additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in (BOS, EOS, PAD)],
+            # only those it has: transformers would add a listed token it lacks as a new one
+            "additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in (BOS, EOS, PAD)
+                                          and self.tk.token_to_id(t) is not None],
             "add_bos_token": False, "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1 << 30,

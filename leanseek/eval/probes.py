@@ -1,6 +1,7 @@
 """What the speedrun's report measures on the finished models besides task accuracy: sample conversations, how
-well definitions from the corpus are recalled, the MTP module's draft acceptance, the experts' load per layer,
-and the KV cache against standard attention."""
+well definitions from the corpus are recalled, definitions of held-out words without and with the built-in
+`define` tool, the MTP module's draft acceptance, the experts' load per layer, and the KV cache against standard
+attention."""
 
 from __future__ import annotations
 
@@ -13,19 +14,20 @@ import torch
 
 from ..data import load_split
 from ..data.chat import encode_chat, read_chats
-from ..data.instructions import definitions
-from ..data.tokenizer import END_OF_TURN, TextTokenizer
+from ..data.chat import LEANSEEK_CHAT
+from ..data.instructions import DEFINITION_QUESTION, definitions, split_words
+from ..data.tokenizer import END_OF_TURN, TOOL_CALL, TextTokenizer
 from ..device import inference_dtype, pick_device
 from ..infer.engine import Engine
 from ..model.hf import load_hf
 from ..serve.text import TextStream
+from ..serve.toolcalls import tool_parser
 from ..tasks import get_task
 from ..train.balance import expert_load, max_violation
 from ..train.checkpoint import checkpoint_of
 from ..train.cost import forward_flops
+from ..tools import MAX_TOOL_ROUNDS, assistant_message, define, tool_definitions, tool_results
 from ..train.loader import eval_windows
-
-DEFINITION_QUESTION = re.compile(r"^(?:What does|Define|What is the meaning of) '(.+?)'")
 
 
 def reply(engine: Engine, tokenizer: TextTokenizer, prompts: list[str], max_new_tokens: int,
@@ -54,6 +56,39 @@ def converse(engine: Engine, tokenizer: TextTokenizer, questions: list[str], max
     return turns
 
 
+def tool_replies(engine: Engine, tokenizer: TextTokenizer, prompts: list[str], max_new_tokens: int,
+                 max_rounds: int = MAX_TOOL_ROUNDS) -> list[dict]:
+    """Greedy replies with the built-in tools offered: a reply's calls are run and the model goes on, for up to
+    max_rounds rounds of calls (or until the context is full). Each {"user", "content" (the last reply's),
+    "calls" ([{"name", "arguments", "result"}] run), "attempts" (calls written, well-formed or not)}."""
+    tools, new_parser, stop = tool_definitions(), tool_parser(LEANSEEK_CHAT), tokenizer.token_id(END_OF_TURN)
+    chats = [[{"role": "user", "content": p}] for p in prompts]
+    results = [{"user": p, "content": "", "calls": [], "attempts": 0} for p in prompts]
+    active = list(range(len(prompts)))
+    for round in range(max_rounds + 1):
+        ids = {i: encode_chat(tokenizer, chats[i], add_generation_prompt=True, tools=tools)[0] for i in active}
+        active = [i for i in active if len(ids[i]) + max_new_tokens <= engine.max_len]
+        outs = engine.generate([ids[i] for i in active], max_new_tokens=max_new_tokens, stop=[stop]) if active else []
+        going = []
+        for i, out in zip(active, outs):
+            reasoning, text = TextStream(tokenizer, [], chat=True).feed(out, final=True)
+            parser = new_parser()
+            content = parser.feed(text)[0] + parser.finish()[0]
+            result = results[i]
+            result["content"] = content.strip()
+            result["attempts"] += len(parser.calls) + content.count(TOOL_CALL)  # a malformed call stays as text
+            message = assistant_message(reasoning, content, parser.calls)
+            chats[i].append(message)
+            if parser.calls and round < max_rounds:
+                answers = tool_results(message)
+                result["calls"] += [{**call["function"], "result": answer["content"]}
+                                    for call, answer in zip(message["tool_calls"], answers)]
+                chats[i] += answers
+                going.append(i)
+        active = going
+    return results
+
+
 def gloss_f1(reply: str, reference: str) -> float:
     """Word-overlap F1 between two definitions, each taken after its 'word (pos):' head."""
     a, b = (Counter(re.findall(r"[a-z]+", t.split(":", 1)[-1].lower())) for t in (reply, reference))
@@ -68,11 +103,7 @@ def definition_recall(engine, tokenizer, sft_chats: list[list[dict]], n: int, ma
     """Ask "What does 'w' mean?" for n words taught in SFT and n words WordNet defines that SFT never asked about
     (the model read WordNet in pretraining); score each reply by word-overlap F1 with WordNet's gloss. "chance" is
     the F1 of each reply against another word's gloss."""
-    taught = {}
-    for chat in sft_chats:
-        m = DEFINITION_QUESTION.match(chat[0]["content"])
-        if m:
-            taught[m.group(1)] = chat[1]["content"]
+    taught = taught_definitions(sft_chats)
     untaught = {}
     for chat in definitions(random.Random(1), 20 * n + 2000):
         word = DEFINITION_QUESTION.match(chat[0]["content"]).group(1)
@@ -91,6 +122,58 @@ def definition_recall(engine, tokenizer, sft_chats: list[list[dict]], n: int, ma
                      "examples": [{"word": words[i], "reply": answers[i]["content"], "wordnet": pool[words[i]],
                                    "f1": scores[i]} for i in quantile_picks(scores)]}
     return out
+
+
+def taught_definitions(sft_chats: list) -> dict[str, str]:
+    """word -> answer for the definition questions SFT answered at once (not through a tool call)."""
+    taught = {}
+    for chat in sft_chats:
+        messages = chat["messages"] if isinstance(chat, dict) else chat
+        m = DEFINITION_QUESTION.match(messages[0]["content"]) if messages[0]["role"] == "user" else None
+        if m and len(messages) == 2 and not messages[1].get("tool_calls"):
+            taught[m.group(1)] = messages[1]["content"]
+    return taught
+
+
+def tool_use(engine, tokenizer, sft_chats: list, n: int, max_new_tokens: int) -> dict | None:
+    """Definitions of n held-out words (in no SFT conversation: instructions.word_group), asked without the
+    tools and with them (the calls run, as `leanseek chat` runs them), scored by word-overlap F1 with the first
+    line `define` gives; "chance" scores each reply against another word's. Also: how many replies called a
+    tool, the share of the calls written that were well-formed (parsed, a known tool, arguments it accepts),
+    and the share of n words taught in SFT that the model looked up needlessly."""
+    taught = taught_definitions(sft_chats)
+    mentioned = set()  # words quoted in SFT's questions: a run made before the split may have taught any word
+    for chat in sft_chats:
+        for m in chat["messages"] if isinstance(chat, dict) else chat:
+            if m["role"] == "user":
+                mentioned.update(re.findall(r"'([^']+)'", m["content"]))
+    held_out = [w for w in split_words()["held_out"] if w not in mentioned]
+    if len(held_out) < 2 or tokenizer.token_id(TOOL_CALL) is None:
+        return None  # no WordNet, or a tokenizer made before tool support
+    words = random.Random(0).sample(held_out, min(n, len(held_out)))
+    reference = {w: define(w).split("\n")[0] for w in words}
+    questions = [f"What does '{w}' mean?" for w in words]
+
+    def scores(replies):
+        f1 = [gloss_f1(r["content"], reference[w]) for r, w in zip(replies, words)]
+        chance = [gloss_f1(r["content"], reference[words[(i + 1) % len(words)]]) for i, r in enumerate(replies)]
+        return {"n": len(words), "f1": sum(f1) / len(f1), "chance_f1": sum(chance) / len(chance),
+                "examples": [{"word": words[i], "reply": replies[i]["content"], "wordnet": reference[words[i]],
+                              "f1": f1[i], **({"calls": replies[i]["calls"]} if "calls" in replies[i] else {})}
+                             for i in quantile_picks(f1)]}
+
+    without = scores(reply(engine, tokenizer, questions, max_new_tokens))
+    answers = tool_replies(engine, tokenizer, questions, max_new_tokens)
+    calls = [c for a in answers for c in a["calls"]]
+    attempts = sum(a["attempts"] for a in answers)
+    well_formed = sum(not c["result"].startswith("error:") for c in calls)
+    known = list(taught)[:n]
+    needless = tool_replies(engine, tokenizer, [f"What does '{w}' mean?" for w in known], max_new_tokens,
+                            max_rounds=0) if known else []
+    return {"without tool": without,
+            "with tool": {**scores(answers), "replies with a call": sum(bool(a["calls"]) for a in answers) / len(words),
+                          "calls written": attempts, "well-formed calls": well_formed / attempts if attempts else None},
+            "taught words looked up": sum(a["attempts"] > 0 for a in needless) / len(needless) if needless else None}
 
 
 def quantile_picks(scores: list[float]) -> list[int]:
@@ -125,13 +208,16 @@ def run_probes(out: Path, preset: dict, device: str = "auto") -> dict:
     # MTP acceptance over task problems and SFT questions. SFT trains the MTP module with the model; GRPO
     # trains the main model only, so its drafts may fit the final model less well.
     spec_prompts = [q.prompt for q in task.test_set(p["mtp_prompts"] // 2)]
-    spec_prompts += [c[0]["content"] for c in sft_chats[:p["mtp_prompts"] - len(spec_prompts)]]
-    recall, acceptance, engines = {}, {}, []
+    spec_prompts += [(c["messages"] if isinstance(c, dict) else c)[0]["content"]
+                     for c in sft_chats[:p["mtp_prompts"] - len(spec_prompts)]]
+    recall, tools, acceptance, engines = {}, {}, {}, []
     for name in ("sft", "rl"):
         path = checkpoint_of(out / name)
         tokenizer, model = TextTokenizer.load(path), load_hf(path, dtype=dtype, device=device)
         engine = Engine(model, tokenizer, max_batch=64, max_len=512)
         recall[name] = definition_recall(engine, tokenizer, sft_chats, p["definitions"], p["max_new_tokens"])
+        tools[name] = tool_use(engine, tokenizer, sft_chats, p.get("tool_words", p["definitions"]),
+                               p["max_new_tokens"])
         reply(engine, tokenizer, spec_prompts, p["max_new_tokens"], speculative=True)
         acceptance[name] = {"rate": engine.acceptance_rate, "drafted": engine.stats["drafted"]}
         engines.append(engine)
@@ -157,5 +243,6 @@ def run_probes(out: Path, preset: dict, device: str = "auto") -> dict:
     kv = Engine(model, tokenizer, max_batch=16, max_len=1024).memory_report()  # `leanseek serve`'s defaults
     kv.update(max_batch=16, max_len=1024, dtype=str(model.lm_head.weight.dtype).removeprefix("torch."))
     return {"samples": samples, "conversation": conversation, "definitions": recall if recall["rl"] else None,
+            "tools": tools if tools["rl"] else None,
             "mtp_acceptance": acceptance, "experts": experts, "kv_cache": kv, "tokens": tokens,
             "flops": forward_flops(model.cfg, seq_len, tokens)}

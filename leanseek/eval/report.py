@@ -17,7 +17,7 @@ from ..model.config import ModelConfig, human
 from ..train.checkpoint import checkpoint_of
 from ..train.cost import DEEPSEEK_V3, DEEPSEEK_V3_GPU_HOURS, PEAK_TFLOPS
 
-SECTIONS = ["Environment", "Model", "Tokens", "Cost", "Pretraining", "Reasoning task", "Definitions",
+SECTIONS = ["Environment", "Model", "Tokens", "Cost", "Pretraining", "Reasoning task", "Definitions", "Tool use",
             "Expert load", "MTP", "KV cache", "Sample conversations", "Reproduce"]
 
 
@@ -119,6 +119,7 @@ def write_report(out: Path, name: str, preset: dict, plan) -> Path:
     parts.append(pretraining_section(run, plots))
     parts.append(task_section(run, preset, plots))
     parts.append(definitions_section(run))
+    parts.append(tools_section(run))
     parts.append(experts_section(run, plots))
     parts.append(mtp_section(run))
     parts.append(kv_section(run))
@@ -334,6 +335,32 @@ def definitions_section(run: Run) -> str:
                         "chance F1"], rows)
             + "\n\nThe final model's replies with the best, upper-quartile, median, lower-quartile and worst F1 of "
             "each group:\n\n" + "\n".join(examples))
+
+
+def tools_section(run: Run) -> str:
+    t = (run.probes or {}).get("tools")
+    if not t:
+        return ("## Tool use\n\nnot measured (no WordNet here, or a tokenizer made before tool support)")
+
+    def share(x):
+        return "-" if x is None else f"{x:.0%}"
+
+    def row(name, pick):
+        return [name, *(pick(t[stage]) for stage in ("sft", "rl"))]
+
+    rows = [row("definition F1 without the tool", lambda r: f"{r['without tool']['f1']:.2f}"),
+            row("definition F1 with the tool", lambda r: f"{r['with tool']['f1']:.2f}"),
+            row("chance F1", lambda r: f"{r['without tool']['chance_f1']:.2f}"),
+            row("replies that called the tool", lambda r: share(r["with tool"]["replies with a call"])),
+            row("well-formed calls", lambda r: share(r["with tool"]["well-formed calls"])),
+            row("taught words looked up", lambda r: share(r["taught words looked up"]))]
+    examples = [f"- *{e['word']}*: {e['reply']!r} (WordNet: {e['wordnet']!r}, F1 {e['f1']:.2f})"
+                for e in t["rl"]["with tool"]["examples"]]
+    return (f"## Tool use\n\n\"What does 'w' mean?\" for {t['rl']['with tool']['n']} words no SFT conversation "
+            "holds, asked without tools and with the built-in `define` tool offered (the chat runs the calls and "
+            "the model continues). Score: word-overlap F1 of the final answer with WordNet's first sense.\n\n"
+            + md_table(["", "after SFT", "after GRPO"], rows)
+            + "\n\nThe final model's answers with the tool (best, quartiles, worst):\n\n" + "\n".join(examples))
 
 
 def experts_section(run: Run, plots: Path) -> str:

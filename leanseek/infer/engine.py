@@ -18,6 +18,12 @@ which leaves the sampled distribution exactly the model's. Either way one or two
 Log-probabilities (`logprobs=N`, `prompt_logprobs=N`: the token's and its N most likely alternatives) are log_softmax
 of the raw logits in float32, before temperature, filters and penalties, taken from the logits each token was
 chosen from (a prompt token's: those at the position before it). Only the requests that ask pay for them.
+
+Constrained decoding (`constraint=Grammar`, see constrain.py): before a constrained request's token is chosen, the
+tokens its grammar does not allow get -inf logits (then penalties, temperature and filters as usual; its
+log-probabilities stay the model's own); each committed token advances its matcher, and the request ends when the
+grammar is complete. Constrained requests take the plain path, never the speculative one (a draft would need the
+grammar's mask for the token after it too). Requests without a constraint pay nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import torch
 from ..model.moe import Experts
 from ..model.transformer import Transformer
 from .cache import LatentCache
+from .constrain import Grammar, Matcher, mask_logits
 from .sampling import (SamplingParams, apply_penalties, batch_params, draw, probabilities, token_logprobs,
                        verify_drafts)
 
@@ -83,6 +90,7 @@ class _Request:
     counts: torch.Tensor | None = None  # how often each token was generated (frequency/presence penalties)
     draft: int | None = None  # MTP's guess at the token after output[-1]
     draft_probs: torch.Tensor | None = None  # the distribution the draft was sampled from (None: greedy)
+    matcher: Matcher | None = None  # where the request is in its constraint's grammar
 
 
 # The forward passes of a decode step. Engine(compile=True) compiles them with fixed shapes; each returns, last,
@@ -172,10 +180,10 @@ class Engine:
 
     def generate(self, prompts: list[list[int]], **params) -> list[list[int]]:
         """New tokens for each prompt (token id lists). Keyword arguments are SamplingParams fields, plus `stop`
-        (token ids and strings; strings need the tokenizer) and `speculative`; `seed` may be a list, one per
-        prompt (several samples of one prompt). Bad input raises ValueError before anything runs; failures while
-        running raise GenerationError once the others have finished. Log-probabilities (logprobs,
-        prompt_logprobs) come in step()'s Outputs, not here."""
+        (token ids and strings; strings need the tokenizer), `speculative` and `constraint` (a Grammar, see
+        constrain.py); `seed` may be a list, one per prompt (several samples of one prompt). Bad input raises
+        ValueError before anything runs; failures while running raise GenerationError once the others have
+        finished. Log-probabilities (logprobs, prompt_logprobs) come in step()'s Outputs, not here."""
         seeds = params.get("seed")
         if isinstance(seeds, (list, tuple)) and len(seeds) != len(prompts):
             raise ValueError(f"seed: {len(seeds)} seeds for {len(prompts)} prompts")
@@ -273,7 +281,11 @@ class Engine:
             stop = [stop]
         if any(not isinstance(s, (str, int)) for s in stop):
             raise ValueError(f"{name}: stop must hold token ids and strings, got {stop!r}")
-        speculative = bool(params.pop("speculative", False))
+        constraint = params.pop("constraint", None)
+        if constraint is not None and not isinstance(constraint, Grammar):
+            raise ValueError(f"{name}: constraint must be a Grammar (leanseek.infer.constrain), not "
+                             f"{type(constraint).__name__}")
+        speculative = bool(params.pop("speculative", False)) and constraint is None
         try:
             p = SamplingParams(**params, stop_token_ids=[s for s in stop if isinstance(s, int)],
                                stop=[s for s in stop if isinstance(s, str)])
@@ -301,7 +313,8 @@ class Engine:
                              "(num_nextn_predict_layers=0)")
         g = torch.Generator(self.device).manual_seed(p.seed) if p.seed is not None else None
         return _Request(next(self._ids), list(prompt), p, speculative, g,
-                        logprobs=None if p.logprobs is None else [])
+                        logprobs=None if p.logprobs is None else [],
+                        matcher=None if constraint is None else constraint.matcher())
 
     def _guarded(self, requests: list[_Request], outs: list[Output], work) -> None:
         """Run `work` for these requests; if it fails, they end with the error and the engine carries on."""
@@ -330,6 +343,8 @@ class Engine:
         free the slot of a finished request."""
         for i, token in enumerate(tokens):
             r.output.append(token)
+            if r.matcher is not None:
+                r.matcher.advance(token)
             if r.logprobs is not None:
                 r.logprobs.append(logprobs[i])
             self.stats["generated_tokens"] += 1
@@ -344,6 +359,8 @@ class Engine:
     def _finished(self, r: _Request) -> bool:
         p = r.params
         if len(r.output) >= p.max_new_tokens or r.output[-1] in p.stop_token_ids:
+            return True
+        if r.matcher is not None and r.matcher.done:
             return True
         if p.stop:
             text = self.tokenizer.decode(r.output[-16:])  # stop strings end in the last few tokens
@@ -383,7 +400,10 @@ class Engine:
 
     def _choose(self, rows: list[_Request], logits: torch.Tensor) -> list[int]:
         """The next token of each request from its logits [B, V]: one argmax for all plain greedy requests, one
-        batched draw for the others."""
+        batched draw for the others; constrained requests choose among what their grammar allows."""
+        constrained = [i for i, r in enumerate(rows) if r.matcher is not None]
+        if constrained:
+            logits = mask_logits(logits, constrained, [rows[i].matcher for i in constrained])
         tokens = logits.argmax(-1).tolist()
         rest = [i for i, r in enumerate(rows) if not self._plain_greedy(r)]
         if rest:

@@ -12,13 +12,27 @@ Message text is always text: a message that spells a control token ("<|end|>") g
 chat template's own markup becomes control tokens (leanseek.data.chat.ChatFormat.encode); a string prompt on
 /v1/completions is text in the same way, and only a prompt sent as token ids can hold control tokens.
 
-Accepted and ignored: `user`, `metadata`, `store`, `service_tier`, `parallel_tool_calls`, and an empty
-`logit_bias`. vLLM's sampling extras `top_k`, `min_p` and `repetition_penalty` apply. `reasoning_effort` (or
-`reasoning.effort`) "none" or "minimal" closes the think block at the start of the reply (the terminal's /think
-off); "low", "medium", "high" and "xhigh" leave it to the model. Refused with a 400 naming the field,
-rather than answered wrongly: a non-empty `logit_bias`, `tools`, `tool_choice`, `functions`, `function_call`, a
-`response_format` other than text, `suffix`, a `best_of` other than n, parts of a message that are not text.
-Chat log-probabilities cover every generated token (the think block's included) but the end-of-turn token.
+Tools, as OpenAI's API has them: `tools` (function definitions, JSON Schema parameters, `strict`), `tool_choice`
+("auto", "none", "required" or a named function), `parallel_tool_calls`; a reply's calls come back as
+`message.tool_calls` (streamed: `delta.tool_calls` fragments with their index) with finish_reason "tool_calls", and
+`role: "tool"` messages and assistant `tool_calls` are taken in the history. The calls are read out of the reply by
+the parser of the format the chat template writes (leanseek's own, DeepSeek V3/R1's, V3.1's, V3.2/V4's DSML:
+leanseek.serve.toolcalls). With tool_choice "none" the model still sees the tools (as OpenAI's does; the prompt is
+the one the other turns of the conversation have) and a call it writes anyway is dropped from the reply. "required",
+a named function, `strict: true` tools and `response_format` {"type": "json_object"} or {"type": "json_schema"}
+(always enforced, `strict` or not) are kept by constrained decoding: the engine masks every token that would leave
+the reply's grammar (leanseek.infer.constrain.reply_grammar), so the reply parses and validates. The grammars are
+written in leanseek's chat format: for a Hugging Face folder's they are a 400 rather than a promise not kept.
+`parallel_tool_calls: false` allows one call (the grammar's one when constrained, else the first one parsed).
+`chat_template_kwargs` (vLLM's) reach the chat template: DeepSeek-V3.1's {"thinking": true} opens the think block,
+and reasoning_content is split off in either mode.
+
+Accepted and ignored: `user`, `metadata`, `store`, `service_tier`, and an empty `logit_bias`. vLLM's sampling extras
+`top_k`, `min_p` and `repetition_penalty` apply. `reasoning_effort` (or `reasoning.effort`) "none" or "minimal"
+closes the think block at the start of the reply (the terminal's /think off); "low", "medium", "high" and "xhigh"
+leave it to the model. Refused with a 400 naming the field, rather than answered wrongly: a non-empty `logit_bias`,
+the deprecated `functions` and `function_call`, `suffix`, a `best_of` other than n, parts of a message that are not
+text. Chat log-probabilities cover every generated token (the think block's included) but the end-of-turn token.
 
 Errors come back as OpenAI error bodies ({"error": {"message", "type", "param", "code"}}) with the right status:
 400 for bad input (malformed JSON, wrong types, out-of-range values, an empty conversation, a context overflow, a
@@ -29,6 +43,7 @@ disconnects mid-stream cancels its generation.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -42,20 +57,26 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from jinja2 import TemplateError
+from jinja2.defaults import DEFAULT_NAMESPACE
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..data.chat import LEANSEEK_CHAT, ChatError, ChatFormat, validate
-from ..data.tokenizer import END_THINK, THINK
+from ..data.chat import LEANSEEK_CHAT, ChatError, ChatFormat, validate, validate_tools
+from ..data.tokenizer import BASE_TOKENS, END_OF_TURN, END_THINK, THINK
+from ..infer.constrain import Grammar, reply_grammar
 from ..infer.engine import Engine
+from ..tools import add_tool_routes
 from .limits import RequestLog
 from .text import TextStream, TokenPieces
+from .toolcalls import ToolCallDelta, ToolCallParser, tool_parser
 from .worker import EngineWorker, Event, Handle, QueueFull
 
 MAX_BODY_BYTES = 1 << 20
 MAX_REQUEST_TOKENS = 16384  # n x max_tokens (x prompts) one request may ask for
 CHAT_MAX_TOKENS, COMPLETION_MAX_TOKENS = 256, 16  # when a request names none (OpenAI's legacy default: 16)
-LATER = "not supported yet (tool calling and structured outputs are planned: leanseek issue 14)"
+# what a chat template's own names are: chat_template_kwargs may not replace them
+TEMPLATE_NAMES = frozenset({"messages", "add_generation_prompt", "tools", "tokenizer", "raise_exception",
+                            *DEFAULT_NAMESPACE})
 
 
 class EventStream(StreamingResponse):
@@ -124,12 +145,13 @@ class ChatRequest(Sampling):
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
+    tools: Any = None  # checked and normalised by leanseek.data.chat.validate_tools
+    tool_choice: Any = None
     parallel_tool_calls: bool | None = None
-    tools: list | None = None
-    tool_choice: str | dict | None = None
-    functions: list | None = None
-    function_call: str | dict | None = None
-    response_format: dict | None = None
+    response_format: Any = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: passed to the chat template (V3.1's `thinking`)
+    functions: Any = None  # OpenAI's deprecated forms of tools and tool_choice: refused with a pointer to them
+    function_call: Any = None
 
 
 class CompletionRequest(Sampling):
@@ -139,6 +161,89 @@ class CompletionRequest(Sampling):
     echo: bool | None = False
     suffix: str | None = None
     best_of: int | None = None
+
+
+NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function and schema names
+TOOL_CHOICES = '"auto", "none", "required" or {"type": "function", "function": {"name": ...}}'
+
+
+@dataclass
+class ReplySpec:
+    """What a chat request asks of its reply besides text: the tools it may call, how, and the reply's form."""
+
+    tools: list[dict] = field(default_factory=list)  # validated definitions, OpenAI's shape
+    choice: str | dict = "none"  # "auto", "none", "required" or {"name": NAME}: exactly that function
+    parallel: bool = True
+    json_schema: dict | None = None  # the content must validate against it
+    any_json: bool = False  # the content must be a JSON object
+
+    @property
+    def calls(self) -> bool:
+        """Whether the reply may hold tool calls."""
+        return bool(self.tools) and self.choice != "none"
+
+    @property
+    def strict(self) -> list[str]:
+        """The functions whose arguments must validate against their schema."""
+        return [t["function"]["name"] for t in self.tools if t["function"].get("strict")] if self.calls else []
+
+    @property
+    def constrained(self) -> bool:
+        """Whether the engine must mask tokens so that the reply keeps to its form (else it is only parsed)."""
+        return self.any_json or self.choice == "required" or isinstance(self.choice, dict) or bool(self.strict)
+
+
+def read_tool_choice(choice: Any, tools: list[dict]) -> str | dict:
+    names = [t["function"]["name"] for t in tools]
+    if choice is None:
+        return "auto" if tools else "none"
+    if isinstance(choice, str):
+        if choice not in ("auto", "none", "required"):
+            raise ApiError(400, f"tool_choice: must be {TOOL_CHOICES}, not {choice!r}", param="tool_choice")
+        if choice == "required" and not tools:
+            raise ApiError(400, "tool_choice: \"required\" needs tools", param="tool_choice")
+        return choice
+    if not isinstance(choice, dict):
+        raise ApiError(400, f"tool_choice: must be {TOOL_CHOICES}", param="tool_choice")
+    if choice.get("type") != "function":
+        raise ApiError(400, "tool_choice.type: must be \"function\"", param="tool_choice.type")
+    function = choice.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise ApiError(400, "tool_choice.function.name: must be a string", param="tool_choice.function.name")
+    if function["name"] not in names:
+        offered = ", ".join(names) if names else "none were given"
+        raise ApiError(400, f"tool_choice.function.name: {function['name']!r} is not one of the tools ({offered})",
+                       param="tool_choice.function.name")
+    return {"name": function["name"]}
+
+
+def read_response_format(value: Any) -> tuple[dict | None, bool]:
+    """(the JSON schema the content must validate against, whether the content must be JSON)."""
+    if value is None:
+        return None, False
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None, False
+    if kind == "json_object":
+        return None, True
+    if kind != "json_schema":
+        raise ApiError(400, "response_format.type: must be \"text\", \"json_object\" or \"json_schema\"",
+                       param="response_format.type")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise ApiError(400, "response_format.json_schema: must be an object with a name and a schema",
+                       param="response_format.json_schema")
+    if not isinstance(spec.get("name"), str) or not NAME.fullmatch(spec["name"]):
+        raise ApiError(400, "response_format.json_schema.name: 1 to 64 letters, digits, underscores or dashes",
+                       param="response_format.json_schema.name")
+    if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+        raise ApiError(400, "response_format.json_schema.strict: must be a boolean",
+                       param="response_format.json_schema.strict")
+    schema = spec.get("schema")
+    if schema is not None and not isinstance(schema, dict):
+        raise ApiError(400, "response_format.json_schema.schema: must be a JSON Schema object",
+                       param="response_format.json_schema.schema")
+    return schema, True
 
 
 @dataclass
@@ -155,6 +260,35 @@ class Choice:
     offset: int = 0  # where the next generated token starts in the choice's text (legacy text_offset)
     echoed: bool = False
     released: bool = False
+    spec: ReplySpec | None = None  # a chat choice's tools and form
+    parser: ToolCallParser | None = None  # reads tool calls out of the answer, when tools are given
+    call_ids: dict[int, str] = field(default_factory=dict)
+
+    def call_id(self, index: int) -> str:
+        return self.call_ids.setdefault(index, f"call_{uuid.uuid4().hex[:24]}")
+
+    def answer(self, content: str, final: bool) -> tuple[str, list[ToolCallDelta]]:
+        """New answer text as content and tool-call deltas: with tools, the parser takes what is a call (and
+        holds back what may become one until it knows); the calls tool_choice "none" or parallel_tool_calls
+        false leave out are dropped."""
+        if self.parser is None:
+            return content, []
+        text, deltas = self.parser.feed(content) if content else ("", [])
+        if final:
+            rest, more = self.parser.finish()
+            text, deltas = text + rest, deltas + more
+        return text, [d for d in deltas if d.index < self.kept]
+
+    @property
+    def kept(self) -> int:
+        """How many of the parsed calls the reply keeps."""
+        return 0 if not self.spec.calls else 1 if not self.spec.parallel else 1 << 30
+
+    def tool_calls(self) -> list[dict]:
+        """The reply's calls, once the parser has finished."""
+        return [{"id": self.call_id(i), "type": "function", "function": {"name": call.name,
+                                                                        "arguments": call.arguments}}
+                for i, call in enumerate(self.parser.calls[:self.kept] if self.parser else [])]
 
 
 def _param(loc: tuple) -> str:
@@ -183,6 +317,9 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     if end is None:
         raise ValueError(f"the tokenizer has no token {chat_format.end!r} to end a reply")
     pieces = TokenPieces(tokenizer)
+    parser = tool_parser(chat_format)
+    # reply grammars write leanseek's replies (<think>...</think>ANSWER<|end|>), as its models before tools do too
+    grammars = chat_format.end == END_OF_TURN and all(tokenizer.token_id(t) is not None for t in BASE_TOKENS)
     max_len = getattr(engine, "max_len", None)
     stats = {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0, "latency_sum": 0.0,
              "latency_count": 0, "ttft_sum": 0.0, "ttft_count": 0}
@@ -271,34 +408,59 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             raise ApiError(400, "logit_bias: not supported (only an empty map is accepted)", param="logit_bias")
         return stop
 
-    def check_chat(req: ChatRequest) -> None:
-        for name in ("tools", "functions"):
-            if getattr(req, name):
-                raise ApiError(400, f"{name}: {LATER}", param=name)
-        for name in ("tool_choice", "function_call"):
-            if getattr(req, name) not in (None, "none"):
-                raise ApiError(400, f"{name}: {LATER}", param=name)
-        if req.response_format is not None and req.response_format != {"type": "text"}:
-            raise ApiError(400, f"response_format: only {{\"type\": \"text\"}} is accepted; other formats are {LATER}",
-                           param="response_format")
+    def check_chat(req: ChatRequest) -> ReplySpec:
+        """The request's fields besides the messages; the reply it asks for."""
+        if req.functions:
+            raise ApiError(400, "functions: OpenAI's deprecated form of tools; send tools", param="functions")
+        if req.function_call not in (None, "none"):
+            raise ApiError(400, "function_call: OpenAI's deprecated form of tool_choice; send tool_choice",
+                           param="function_call")
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+        clash = sorted(set(req.chat_template_kwargs or {}) & TEMPLATE_NAMES.union(chat_format.context))
+        if clash:
+            raise ApiError(400, f"chat_template_kwargs.{clash[0]}: set by the server, not by the request",
+                           param=f"chat_template_kwargs.{clash[0]}")
+        try:
+            tools = validate_tools(req.tools) if req.tools is not None else []
+        except ChatError as e:
+            raise ApiError(400, str(e), param=e.param or "tools") from None
+        json_schema, any_json = read_response_format(req.response_format)
+        return ReplySpec(tools, read_tool_choice(req.tool_choice, tools), req.parallel_tool_calls is not False,
+                         json_schema, any_json)
 
-    def chat_prompt(req: ChatRequest) -> tuple[list[int], str]:
+    def chat_prompt(req: ChatRequest, spec: ReplySpec) -> tuple[list[int], str]:
         """The conversation's ids with the generation prompt, and the text the prompt opened the reply with."""
         try:
             messages = validate(req.messages, where="")
-            prompt = chat_format.encode(tokenizer, messages, add_generation_prompt=True)
+            history = any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+            if spec.tools or history:
+                problem = chat_format.tools_error(tokenizer)
+                if problem is None and spec.tools and parser is None:
+                    problem = "this model's chat template writes tool calls in a format leanseek does not read"
+                if problem:
+                    raise ApiError(400, f"{'tools' if spec.tools else 'messages'}: {problem}",
+                                   param="tools" if spec.tools else "messages")
+            prompt = chat_format.encode(tokenizer, messages, add_generation_prompt=True, tools=spec.tools or None,
+                                        **(req.chat_template_kwargs or {}))
         except ChatError as e:
             raise ApiError(400, str(e), param=getattr(e, "param", None) or "messages") from None
         except TemplateError as e:  # a Hugging Face template that refuses the conversation
             raise ApiError(400, f"messages: the model's chat template refused them: {e}", param="messages") from None
-        opened = THINK if tokenizer.decode(prompt[-3:]).rstrip().endswith(THINK) else ""
+        except TypeError as e:  # a template given a value of a type it cannot use
+            where = "chat_template_kwargs" if req.chat_template_kwargs else "messages"
+            raise ApiError(400, f"{where}: the model's chat template failed on them: {e}", param=where) from None
+        tail = tokenizer.decode(prompt[-3:]).rstrip()
+        opened = THINK if tail.endswith(THINK) else ""
+        if thinks(req) or tail.endswith(END_THINK) or spec.constrained:  # a grammar writes the closed block itself
+            return prompt, opened
+        closing = END_THINK if opened else THINK + END_THINK  # answer at once: close the think block
+        return prompt + tokenizer.encode_markup(closing), opened + closing
+
+    def thinks(req: ChatRequest) -> bool:
+        """Whether the reply may reason (reasoning_effort "none" and "minimal" say no)."""
         effort = req.reasoning_effort or (req.reasoning.effort if req.reasoning else None)
-        if effort in ("none", "minimal"):  # answer at once: the reply starts with a closed think block
-            closing = END_THINK if opened else THINK + END_THINK
-            return prompt + tokenizer.encode_markup(closing), opened + closing
-        return prompt, opened
+        return effort not in ("none", "minimal")
 
     def completion_prompts(prompt: Any) -> list[tuple[list[int], str]]:
         """(ids, text) of each prompt: a string is text (a control token's spelling stays text); ids are taken as
@@ -361,19 +523,49 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 "top_k": max(0, req.top_k or 0), "min_p": req.min_p or 0.0,
                 "repetition_penalty": req.repetition_penalty or 1.0}
 
+    async def constraint(spec: ReplySpec, think: bool) -> Grammar:
+        """The grammar the reply keeps to, built off the event loop (constrain.py keeps the recent ones compiled:
+        repeated schemas and tools cost nothing)."""
+        if not grammars:
+            where = ("response_format" if spec.any_json else "tools" if spec.choice == "auto" else "tool_choice")
+            raise ApiError(400, f"{where}: constrained decoding is written for leanseek's chat format, not this "
+                                "model's", param=where)
+        try:
+            return await asyncio.to_thread(
+                reply_grammar, tokenizer, "leanseek", json_schema=spec.json_schema, any_json=spec.any_json,
+                tools=spec.tools if spec.calls else None, tool_choice=spec.choice, strict_tools=spec.strict,
+                parallel=spec.parallel, think=think)
+        except ValueError as e:  # a schema the grammar library cannot compile
+            where = await asyncio.to_thread(blame, spec)
+            raise ApiError(400, f"{where}: cannot be enforced: {e}", param=where) from None
+
+    def blame(spec: ReplySpec) -> str:
+        """The field whose schema the grammar library refuses: each is compiled alone."""
+        schemas = [("response_format.json_schema.schema", spec.json_schema)] if spec.json_schema is not None else []
+        schemas += [(f"tools[{i}].function.parameters", t["function"].get("parameters"))
+                    for i, t in enumerate(spec.tools) if t["function"]["name"] in spec.strict]
+        for where, schema in schemas:
+            try:
+                Grammar.json(tokenizer, schema)
+            except ValueError:
+                return where
+        return "response_format" if spec.any_json else "tools"
+
     # ------------------------------------------------------------------------------------------ endpoints
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         stop = check_common(req)
-        check_chat(req)
-        prompt, opened = chat_prompt(req)
+        spec = check_chat(req)
+        prompt, opened = chat_prompt(req, spec)
         name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         params = sampling(req, stop, [prompt], req.max_completion_tokens or req.max_tokens, CHAT_MAX_TOKENS, name,
                           "messages")
         if req.logprobs:
             params["logprobs"] = req.top_logprobs or 0
-        return await respond(req, request, [(prompt, "")], params, stop, chat=True, prefix=opened)
+        if spec.constrained:
+            params["constraint"] = await constraint(spec, thinks(req))
+        return await respond(req, request, [(prompt, "")], params, stop, chat=True, prefix=opened, spec=spec)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -398,7 +590,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     # ------------------------------------------------------------------------------------------ responding
 
     def submit(prompts: list[tuple[list[int], str]], params: dict, stop: list[str], req: Sampling, chat: bool,
-               prefix: str) -> list[Choice]:
+               prefix: str, spec: ReplySpec | None) -> list[Choice]:
         """Choice prompt_index * n + j is prompt prompt_index's j-th sample, seeded seed + j."""
         n = req.n or 1
         stats["requests"] += 1
@@ -408,7 +600,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 for j in range(n):
                     handle = worker.submit(prompt, {**params, "seed": None if req.seed is None else req.seed + j})
                     stream = TextStream(tokenizer, stop, chat, chat_format.end, prefix)
-                    choices.append(Choice(p * n + j, prompt, handle, stream, echo, offset=len(echo)))
+                    choices.append(Choice(p * n + j, prompt, handle, stream, echo, offset=len(echo), spec=spec,
+                                          parser=parser() if spec and spec.tools else None))
         except QueueFull as e:
             release(choices)
             raise ApiError(429, str(e), kind="rate_limit_error", code="queue_full") from None
@@ -481,12 +674,12 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                       "text_offset": offsets}
 
     async def respond(req: Sampling, request: Request, prompts: list[tuple[list[int], str]], params: dict,
-                      stop: list[str], chat: bool, prefix: str = ""):
+                      stop: list[str], chat: bool, prefix: str = "", spec: ReplySpec | None = None):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         prompt_name = "messages" if chat else "prompt"
         wants_logprobs = bool(req.logprobs) if chat else req.logprobs is not None
-        choices = submit(prompts, params, stop, req, chat, prefix)
+        choices = submit(prompts, params, stop, req, chat, prefix, spec)
         max_tokens = params["max_new_tokens"]
         if req.stream:  # the first event of each choice decides between a 400 and a stream
             firsts = []
@@ -516,13 +709,19 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         body = []
         for c in choices:
             reasoning, content = c.stream.parts(final=True)
+            finish = finish_reason(c.stream, max_tokens)
             if chat:
-                out = {"message": {"role": "assistant", "content": content, "reasoning_content": reasoning},
-                       "logprobs": chat_logprobs(c.logprobs) if wants_logprobs else None}
+                content, _ = c.answer(content, final=True)
+                calls = c.tool_calls()
+                message = {"role": "assistant", "content": content or (None if calls else ""),
+                           "reasoning_content": reasoning}
+                if calls:
+                    message["tool_calls"], finish = calls, "tool_calls"
+                out = {"message": message, "logprobs": chat_logprobs(c.logprobs) if wants_logprobs else None}
             else:
                 echo, logprobs = legacy(c, c.stream.ids, c.logprobs, wants_logprobs)
                 out = {"text": echo + content, "logprobs": logprobs}
-            body.append({"index": c.index, **out, "finish_reason": finish_reason(c.stream, max_tokens)})
+            body.append({"index": c.index, **out, "finish_reason": finish})
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": req.model, "choices": body, "usage": usage(request, prompts, choices)}
 
@@ -537,6 +736,13 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             return "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": req.model,
                                           "choices": [choice]}) + "\n\n"
 
+        def tool_delta(c: Choice, d: ToolCallDelta) -> dict:
+            """A call's first fragment names it (with its id); the others carry pieces of its arguments."""
+            if d.name is None:
+                return {"index": d.index, "function": {"arguments": d.arguments}}
+            return {"index": d.index, "id": c.call_id(d.index), "type": "function",
+                    "function": {"name": d.name, "arguments": d.arguments}}
+
         def pieces_of(c: Choice, event: Event, reasoning: str, content: str) -> list[str]:
             """This event's chunks; its tokens' log-probabilities ride on the first (an empty delta when the
             text is held back)."""
@@ -544,8 +750,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 logprobs = chat_logprobs(event.logprobs or []) if wants_logprobs else None
                 if logprobs is not None and not logprobs["content"]:
                     logprobs = None
+                content, calls = c.answer(content, final=event.finished)
                 deltas = [d for d in ({"reasoning_content": reasoning} if reasoning else None,
-                                      {"content": content} if content else None) if d]
+                                      {"content": content} if content else None,
+                                      {"tool_calls": [tool_delta(c, d) for d in calls]} if calls else None) if d]
                 if logprobs and not deltas:
                     deltas = [{}]
                 return [chunk(c, d, logprobs=logprobs if i == 0 else None) for i, d in enumerate(deltas)]
@@ -573,7 +781,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                         yield "data: " + json.dumps({"error": {"message": event.error, "type": "server_error"}}) \
                               + "\n\n"
                     elif event.finished:
-                        yield chunk(c, finish=finish_reason(c.stream, max_tokens))
+                        yield chunk(c, finish="tool_calls" if c.tool_calls() else finish_reason(c.stream, max_tokens))
                     if event.finished:
                         done[c.index] = True
                         finished(c)
@@ -589,6 +797,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             stats["completion_tokens"] += sum(len(c.stream.ids) for c in choices)
             usage(request, prompts, choices)  # a client that left: what it got
 
+    add_tool_routes(app, offer=chat_format.tools_error(tokenizer) is None)  # the web chat's built-in tools
     app.state.worker = worker
     app.add_middleware(RequestLog)  # outermost: ids and the access log cover every answer
     return app

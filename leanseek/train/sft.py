@@ -18,7 +18,7 @@ VAL_EVERY = 20
 TASK_PROBLEMS = {"sums": 20000, "addition": 20000, "countdown": 4000}
 
 
-def conversations(source: str, seed: int = 0) -> list[list[dict]]:
+def conversations(source: str, seed: int = 0) -> list[list[dict] | dict]:
     """`builtin` (leanseek.data.instructions), `task:NAME` (a task's training problems with worked reasoning;
     for sums, half answered at once), or an OpenAI messages JSONL file."""
     from ..data import instructions
@@ -33,11 +33,13 @@ def conversations(source: str, seed: int = 0) -> list[list[dict]]:
     return read_chats(source)
 
 
-def pack(tokenizer: TextTokenizer, chats: list[list[dict]]) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, assistant flags) of the conversations one after another."""
+def pack(tokenizer: TextTokenizer, chats: list[list[dict] | dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, assistant flags) of the conversations one after another: messages lists, or {"messages", "tools"}
+    for a conversation with tools (as read_chats gives them)."""
     ids, mask = [], []
     for chat in chats:
-        i, m = encode_chat(tokenizer, chat)
+        messages, tools = (chat["messages"], chat["tools"]) if isinstance(chat, dict) else (chat, None)
+        i, m = encode_chat(tokenizer, messages, tools=tools)
         ids += i
         mask += m
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.int32
