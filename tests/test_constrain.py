@@ -3,6 +3,7 @@ parses and validates (checked with jsonschema, an independent validator), greedy
 unconstrained requests that it leaves unchanged; leanseek's reply grammar yields well-formed tool calls (parsed
 here by their token ids); control tokens appear only where the grammar puts them."""
 
+import copy
 import json
 import random
 
@@ -218,6 +219,23 @@ def test_reply_grammar_tool_calls(model, tok, seed):
         _, _, calls = split_reply(tok, out)
         assert expect(calls), (kw, calls)
         check_calls(calls)
+
+
+def test_free_tokens_bound_the_free_text_before_a_required_call(model, tok):
+    """A model that never closes its reasoning or its lead-in text (the closers are masked out of its logits) still
+    calls within its budget: free_tokens caps each free part."""
+    rambler = copy.deepcopy(model)
+    with torch.no_grad():
+        rambler.lm_head.bias[[tok.token_id(END_THINK), tok.token_id(TOOL_CALL)]] = -30.0
+    grammar = reply_grammar(tok, "leanseek", tools=TOOLS, tool_choice="required", parallel=False, free_tokens=6)
+    (out,) = engine(rambler, tok).generate([PROMPTS[0]], max_new_tokens=60, constraint=grammar)
+    _, _, calls = split_reply(tok, out)
+    close, call = out.index(tok.token_id(END_THINK)), out.index(tok.token_id(TOOL_CALL))
+    assert close - 1 <= 6 and call - close - 1 <= 6 and len(calls) == 1  # reasoning and lead-in: 6 tokens at most
+    check_calls(calls)
+    unbounded = reply_grammar(tok, "leanseek", tools=TOOLS, tool_choice="required", parallel=False)
+    (out,) = engine(rambler, tok).generate([PROMPTS[0]], max_new_tokens=60, constraint=unbounded)
+    assert tok.token_id(END_THINK) not in out  # without the bound, it rambles to the end of its budget
 
 
 def test_reply_grammar_json_content(model, tok):

@@ -192,7 +192,8 @@ def _function(tool: dict) -> dict:
 
 def reply_grammar(tokenizer: TextTokenizer, chat_format_name: str = "leanseek", *, json_schema: dict | None = None,
                   any_json: bool = False, tools: list[dict] | None = None, tool_choice: str | dict = "auto",
-                  strict_tools: Iterable[str] | None = None, parallel: bool = True, think: bool = True) -> Grammar:
+                  strict_tools: Iterable[str] | None = None, parallel: bool = True, think: bool = True,
+                  free_tokens: int | None = None) -> Grammar:
     """The whole assistant reply after the generation prompt, in leanseek's chat format:
 
         <think>REASONING</think>ANSWER<|end|>
@@ -205,7 +206,9 @@ def reply_grammar(tokenizer: TextTokenizer, chat_format_name: str = "leanseek", 
       function only; "none": no calls. A call's ARGS validate against its function's parameters when the function
       is strict (strict_tools: the names to treat so; None: those whose definition says "strict": true), and are
       any JSON object otherwise.
-    Text (reasoning, content) never holds a special token. Raises GrammarError for what it cannot build."""
+    Text (reasoning, content) never holds a special token. free_tokens bounds the free text before what the request
+    enforces (the reasoning, and the content before a required call) so that a model that never closes it still
+    leaves the rest of its token budget to the JSON or the call. Raises GrammarError for what it cannot build."""
     if chat_format_name != "leanseek":
         raise GrammarError(f"constrained replies are written for leanseek's chat format, not {chat_format_name!r}")
     functions = [_function(t) for t in tools or []]
@@ -224,11 +227,13 @@ def reply_grammar(tokenizer: TextTokenizer, chat_format_name: str = "leanseek", 
         content = "content: json\njson: " + _json_rule(json_schema)
     else:
         content = "content: TEXT"
-    rules = [f"start: {_special(tokenizer, THINK)} {'THINK ' if think else ''}{_special(tokenizer, END_THINK)} "
-             f"body {_special(tokenizer, END_OF_TURN)}", content, f"TEXT: {_TEXT}", f"THINK: {_TEXT}"]
+    bound = "" if free_tokens is None else f"[max_tokens={max(free_tokens, 0)}]"
+    rules = [f"start: {_special(tokenizer, THINK)} {'think ' if think else ''}{_special(tokenizer, END_THINK)} "
+             f"body {_special(tokenizer, END_OF_TURN)}", content, f"TEXT: {_TEXT}", f"think{bound}: {_TEXT}",
+             f"lead{bound}: {_TEXT}"]
     if functions:
         calls = "call+" if parallel else "call"
-        rules.append(f"body: content | TEXT {calls}" if tool_choice == "auto" else f"body: TEXT {calls}")
+        rules.append(f"body: content | lead {calls}" if tool_choice == "auto" else f"body: lead {calls}")
         rules.append("call: " + " | ".join(f"call_{i}" for i in range(len(functions))))
         opening, args = _special(tokenizer, TOOL_CALL), _special(tokenizer, TOOL_ARGS)
         for i, f in enumerate(functions):

@@ -21,8 +21,10 @@ leanseek.serve.toolcalls). With tool_choice "none" the model still sees the tool
 the one the other turns of the conversation have) and a call it writes anyway is dropped from the reply. "required",
 a named function, `strict: true` tools and `response_format` {"type": "json_object"} or {"type": "json_schema"}
 (always enforced, `strict` or not) are kept by constrained decoding: the engine masks every token that would leave
-the reply's grammar (leanseek.infer.constrain.reply_grammar), so the reply parses and validates. The grammars are
-written in leanseek's chat format: for a Hugging Face folder's they are a 400 rather than a promise not kept.
+the reply's grammar (leanseek.infer.constrain.reply_grammar), so the reply parses and validates; the free text
+before what is enforced (reasoning, text before a required call) gets at most a quarter of max_tokens each. The
+grammars are written in leanseek's chat format: for a Hugging Face folder's they are a 400 rather than a promise not
+kept.
 `parallel_tool_calls: false` allows one call (the grammar's one when constrained, else the first one parsed).
 `chat_template_kwargs` (vLLM's) reach the chat template: DeepSeek-V3.1's {"thinking": true} opens the think block,
 and reasoning_content is split off in either mode.
@@ -523,9 +525,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 "top_k": max(0, req.top_k or 0), "min_p": req.min_p or 0.0,
                 "repetition_penalty": req.repetition_penalty or 1.0}
 
-    async def constraint(spec: ReplySpec, think: bool) -> Grammar:
+    async def constraint(spec: ReplySpec, think: bool, max_tokens: int) -> Grammar:
         """The grammar the reply keeps to, built off the event loop (constrain.py keeps the recent ones compiled:
-        repeated schemas and tools cost nothing)."""
+        repeated schemas and tools cost nothing). The free text before what is enforced (reasoning, text before a
+        call) gets at most a quarter of max_tokens each, so a model that rambles still writes its JSON or its call."""
         if not grammars:
             where = ("response_format" if spec.any_json else "tools" if spec.choice == "auto" else "tool_choice")
             raise ApiError(400, f"{where}: constrained decoding is written for leanseek's chat format, not this "
@@ -534,7 +537,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             return await asyncio.to_thread(
                 reply_grammar, tokenizer, "leanseek", json_schema=spec.json_schema, any_json=spec.any_json,
                 tools=spec.tools if spec.calls else None, tool_choice=spec.choice, strict_tools=spec.strict,
-                parallel=spec.parallel, think=think)
+                parallel=spec.parallel, think=think, free_tokens=max_tokens // 4)
         except ValueError as e:  # a schema the grammar library cannot compile
             where = await asyncio.to_thread(blame, spec)
             raise ApiError(400, f"{where}: cannot be enforced: {e}", param=where) from None
@@ -564,7 +567,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         if req.logprobs:
             params["logprobs"] = req.top_logprobs or 0
         if spec.constrained:
-            params["constraint"] = await constraint(spec, thinks(req))
+            params["constraint"] = await constraint(spec, thinks(req), params["max_new_tokens"])
         return await respond(req, request, [(prompt, "")], params, stop, chat=True, prefix=opened, spec=spec)
 
     @app.post("/v1/completions")
