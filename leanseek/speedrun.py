@@ -200,14 +200,17 @@ class Stage:
 
 def stages(preset: dict, out: Path, source: list[str] | None = None, threads: int | None = None,
            chats: list[str] = ()) -> list[Stage]:
+    from .tasks import parse_mix
+
     t = {"threads": threads}
     data = {k: v for k, v in preset["data"].items() if k != "source"}
     rl = {k: v for k, v in preset["rl"].items() if k != "task"}
     task, ev, devices = preset["rl"]["task"], preset["eval"], preset["devices"]
+    evaluated = parse_mix(task)[0][0].name  # a mix's first task is the one the report card follows
 
     def evaluate(model: str, result: str) -> Stage:
         return Stage(f"eval {model}", out / result, "eval",
-                     [str(out / model), "--task", task, "--json", str(out / result)],
+                     [str(out / model), "--task", evaluated, "--json", str(out / result)],
                      {"problems": ev["problems"], "k": ev["k"], "max_new_tokens": ev["max_new_tokens"], "show": 0, **t})
 
     return [

@@ -3,6 +3,7 @@ training, and the rewards are strict against adversarial completions."""
 
 import pytest
 
+from leanseek.data.builtin import BUILTINS
 from leanseek.eval.tasks import pass_at_k
 from leanseek.tasks import TASKS, get_task
 from leanseek.tasks.countdown import evaluate
@@ -12,7 +13,9 @@ def completion(reasoning: str, answer: str) -> str:
     return f"<think>{reasoning}</think>{answer}<|end|>"
 
 
-@pytest.mark.parametrize("name", list(TASKS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.skipif(
+    n == "define" and not BUILTINS["wordnet"].available(), reason="needs WordNet (Debian's wordnet-base)"))
+    for n in TASKS])
 def test_reasoning_reaches_the_answer_and_sets_are_fixed(name):
     task = get_task(name)
     test = task.test_set(200)

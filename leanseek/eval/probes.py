@@ -22,7 +22,7 @@ from ..infer.engine import Engine
 from ..model.hf import load_hf
 from ..serve.text import TextStream
 from ..serve.toolcalls import tool_parser
-from ..tasks import get_task
+from ..tasks import parse_mix
 from ..train.balance import expert_load, max_violation
 from ..train.checkpoint import checkpoint_of
 from ..train.cost import forward_flops
@@ -203,7 +203,7 @@ def run_probes(out: Path, preset: dict, device: str = "auto") -> dict:
     p = preset["probes"]
     device = pick_device(device)
     dtype = inference_dtype(device)
-    task = get_task(preset["rl"]["task"])
+    task = parse_mix(preset["rl"]["task"])[0][0]  # a mix's first task
     sft_chats = read_chats(out / "sft.jsonl")
     # MTP acceptance over task problems and SFT questions. SFT trains the MTP module with the model; GRPO
     # trains the main model only, so its drafts may fit the final model less well.

@@ -14,6 +14,7 @@ import torch
 
 from ..atomic import write_atomic, write_text_atomic
 from ..model.config import ModelConfig, human
+from ..tasks import parse_mix
 from ..train.checkpoint import checkpoint_of
 from ..train.cost import DEEPSEEK_V3, DEEPSEEK_V3_GPU_HOURS, PEAK_TFLOPS
 
@@ -309,7 +310,7 @@ def task_section(run: Run, preset: dict, plots: Path) -> str:
     ax[2].plot(steps, [line["length"] for line in m if "reward" in line], lw=0.8)
     ax[2].set_xlabel("GRPO step"), ax[2].set_ylabel("tokens"), ax[2].set_title("mean completion length")
     _save(fig, plots / "rl.png")
-    task = rl["task"]
+    task = parse_mix(rl["task"])[0][0].name
     return (f"## Reasoning task\n\n`{task}` held-out problems, the same {a['n']} before and after GRPO "
             f"({preset['rl']['steps']} steps x {preset['rl']['prompts']} problems x {preset['rl']['group']} "
             f"samples). Rewards are rule-based: exact answer, one think block, end of turn. Sampled figures draw "

@@ -6,6 +6,13 @@ on the clipped objective (leanseek.rl.grpo). The reference model for the optiona
 checkpoint, frozen. Problems and sampling seeds are functions of (seed, step), so a resumed run reproduces the
 uninterrupted one. Held-out greedy accuracy is measured every `eval_every` steps.
 
+A task that offers tools (`define`) is sampled in multi-turn rollouts (eval.tasks.rollouts): the engine stops at
+the end of a turn that makes tool calls, the trainer runs them, appends the results as tool turns and lets the
+model go on. The loss, the old and reference log-probabilities and the KL see only the model's own tokens: the
+mask leaves out the tool results and the markup around them. `--task` may name a mix, `sums,define` or
+`sums:3,define:1`: each step's prompts are dealt to the tasks in turn by weight, each problem is rewarded by its
+own task, and the metrics are reported per task as well, so a skill that regresses shows.
+
 The policy update runs in micro-batches of at most `micro_batch_tokens` tokens per forward-backward pass, with
 gradients accumulated to exactly the whole batch's (grpo_loss's whole-batch normalisers), so memory does not grow
 with prompts x group.
@@ -25,12 +32,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..console import metrics_line
-from ..data.tokenizer import END_OF_TURN, TextTokenizer
-from ..eval.tasks import evaluate, prompt_ids
+from ..data.tokenizer import TextTokenizer
+from ..eval.tasks import evaluate, prompt_ids, rollout_context, rollouts, task_tools
 from ..device import add_device_arguments, default_price, use_device
 from ..infer.engine import Engine
 from ..model.hf import load_hf
-from ..tasks import get_task
+from ..tasks import Problem, Task, parse_mix
 from ..train.checkpoint import (checkpoint_of, full_optimizer_state, latest_checkpoint, restore, rng_state,
                                 save_checkpoint)
 from ..train.cost import Ledger, detect_peak_tflops, forward_flops
@@ -49,7 +56,9 @@ RESUME_KEYS = ("init", "task", "prompts", "group", "max_new_tokens", "temperatur
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and output")
     g.add_argument("--init", required=True, help="the run folder (or checkpoint) to start from, e.g. an SFT run")
-    g.add_argument("--task", required=True, help="sums, addition or countdown")
+    g.add_argument("--task", required=True,
+                   help="sums, addition, countdown or define; or a mix, e.g. sums,define or sums:3,define:1 (each "
+                        "step's prompts dealt to the tasks in turn, by weight)")
     g.add_argument("--out", required=True, help="run folder: checkpoints/, latest, metrics.jsonl, cost.json")
     g = p.add_argument_group("GRPO")
     g.add_argument("--steps", type=int, default=100)
@@ -119,33 +128,64 @@ def token_logps(model, ids: torch.Tensor, temperature: float) -> tuple[torch.Ten
     return logp, entropy
 
 
-def sample_batch(engine: Engine, tokenizer: TextTokenizer, task, problems, args, step: int) -> Batch:
-    """G completions per problem, their rewards and group advantages (zero-std groups dropped unless kept)."""
+def mix_name(mix: list[tuple[Task, int]]) -> str:
+    """The canonical --task of a mix (what resuming compares): "sums,define" for equal weights."""
+    same = len({w for _, w in mix}) == 1
+    return ",".join(t.name if same else f"{t.name}:{w}" for t, w in mix)
+
+
+def draw_problems(mix: list[tuple[Task, int]], pools: dict[str, list[Problem]], step: int, n: int,
+                  seed: int) -> list[tuple[Task, Problem]]:
+    """A step's n problems: prompt j goes to the task whose turn it is in the cycle of the mix's weights (counted
+    over the whole run, so the shares hold whatever n), each task's drawn from its pool without repeats."""
+    cycle = [t for t, w in mix for _ in range(w)]
+    tasks = [cycle[(step * n + j) % len(cycle)] for j in range(n)]
+    rng = random.Random(seed * 1_000_003 + step)
+    drawn = {t.name: iter(rng.sample(pools[t.name], tasks.count(t))) for t, _ in mix}
+    return [(t, next(drawn[t.name])) for t in tasks]
+
+
+def sample_batch(engine: Engine, tokenizer: TextTokenizer, problems: list[tuple[Task, Problem]], args,
+                 step: int) -> Batch:
+    """G completions per (task, problem), multi-turn where the task offers tools, each rewarded by its own task;
+    group advantages (zero-std groups dropped unless kept). The mask covers the model's own tokens only."""
     G = args.group
     seeds = [(args.seed * 1_000_003 + step) * 4096 + i for i in range(len(problems) * G)]
-    prompts = [prompt_ids(tokenizer, p) for p in problems for _ in range(G)]
-    end = tokenizer.token_id(END_OF_TURN)
-    outs = engine.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=seeds,
-                           stop=[end])
-    verdicts = [task.verdict(problems[i // G], tokenizer.decode(o)) for i, o in enumerate(outs)]
+    tools = [task_tools(t) for t, _ in problems for _ in range(G)]
+    prompts = [prompt_ids(tokenizer, p, tools[i * G]) for i, (_, p) in enumerate(problems) for _ in range(G)]
+    outs = rollouts(engine, tokenizer, prompts, args.max_new_tokens, args.temperature, seeds,
+                    offers=[t is not None for t in tools])
+    owner = [problems[i // G][0] for i in range(len(outs))]
+    verdicts = [t.verdict(problems[i // G][1], tokenizer.decode(o.final)) for i, (t, o) in enumerate(zip(owner, outs))]
     rewards = torch.tensor([v.reward(args.format_reward) for v in verdicts])
     if args.shuffle_rewards:  # the control: the same rewards, detached from what earned them
         rewards = rewards[torch.randperm(len(rewards), generator=torch.Generator().manual_seed(seeds[0]))]
     adv = advantages(rewards, G, args.scale)
     zero_std = rewards.view(-1, G).std(-1) == 0
     keep = torch.ones(len(outs), dtype=torch.bool) if args.keep_zero_std else ~zero_std.repeat_interleave(G)
-    finished = torch.tensor([bool(o) and o[-1] == end for o in outs])
-    lengths = torch.tensor([len(o) for o in outs], dtype=torch.float)
+    finished = torch.tensor([o.finished for o in outs])
+    lengths = torch.tensor([sum(o.own) for o in outs], dtype=torch.float)
     stats = {"reward": float(rewards.mean()), "accuracy": sum(v.correct for v in verdicts) / len(verdicts),
              "format_rate": sum(v.formatted for v in verdicts) / len(verdicts), "length": float(lengths.mean()),
              "truncated": float((~finished).float().mean()), "zero_std_groups": float(zero_std.float().mean())}
-    T = max(len(p) + len(o) for p, o in zip(prompts, outs))
+    offered = [o for o, t in zip(outs, tools) if t is not None]
+    if offered:
+        stats["tool_calls"] = sum(o.calls for o in offered) / len(offered)
+        stats["malformed_calls"] = sum(o.malformed for o in offered) / len(offered)
+    names = list(dict.fromkeys(t.name for t in owner))
+    if len(names) > 1:
+        for name in names:
+            rows = [i for i, t in enumerate(owner) if t.name == name]
+            stats[f"reward/{name}"] = float(rewards[rows].mean())
+            stats[f"accuracy/{name}"] = sum(verdicts[i].correct for i in rows) / len(rows)
+    T = max(len(p) + len(o.tokens) for p, o in zip(prompts, outs))
     ids = torch.full((len(outs), T), tokenizer.pad_id, dtype=torch.long)
     mask = torch.zeros(len(outs), T - 1)
     for i, (p, o) in enumerate(zip(prompts, outs)):
-        ids[i, :len(p) + len(o)] = torch.tensor(p + o)
+        ids[i, :len(p) + len(o.tokens)] = torch.tensor(p + o.tokens)
         if keep[i] and (finished[i] or not args.mask_truncated):
-            mask[i, len(p) - 1:len(p) + len(o) - 1] = 1  # positions that predict the completion's tokens
+            # the positions that predict the model's own tokens; a tool turn's are left out
+            mask[i, len(p) - 1:len(p) + len(o.tokens) - 1] = torch.tensor(o.own, dtype=mask.dtype)
     rows = mask.sum(-1) > 0
     return Batch(ids[rows], mask[rows], rewards[rows], adv[rows], stats)
 
@@ -208,9 +248,19 @@ def accumulate(model, parts: list[MicroBatch], args, precision=contextlib.nullco
     return totals
 
 
-def held_out(engine, tokenizer, task, problems, max_new_tokens: int) -> dict:
-    s = evaluate(engine, tokenizer, task, problems, max_new_tokens=max_new_tokens)[0]["all"]
-    return {"eval_pass@1": s["pass@1"], "eval_format": s["format"], "eval_length": s["length"]}
+def held_out(engine, tokenizer, tests: list[tuple[Task, list[Problem]]], max_new_tokens: int) -> dict:
+    """Greedy figures on each task's held-out problems: the first task's as eval_pass@1, eval_format,
+    eval_length (and eval_reward for a graded task); with several tasks, each one's also as eval_pass@1/NAME..."""
+    out = {}
+    for n, (task, problems) in enumerate(tests):
+        s = evaluate(engine, tokenizer, task, problems, max_new_tokens=max_new_tokens)[0]["all"]
+        figures = {"eval_pass@1": s["pass@1"], "eval_format": s["format"], "eval_length": s["length"],
+                   **({"eval_reward": s["reward"]} if "reward" in s else {})}
+        if n == 0:
+            out.update(figures)
+        if len(tests) > 1:
+            out.update({f"{k}/{task.name}": v for k, v in figures.items()})
+    return out
 
 
 def run(args) -> dict:
@@ -219,8 +269,9 @@ def run(args) -> dict:
                          "for the same prompt, so --group must be at least 2")
     if args.micro_batch_tokens < 1:
         raise ValueError(f"--micro-batch-tokens {args.micro_batch_tokens}: must be at least 1")
+    mix = parse_mix(args.task)
+    args.task = mix_name(mix)
     device = use_device(args)
-    task = get_task(args.task)
     run_dir = Path(args.out)
     init = checkpoint_of(Path(args.init))
     tokenizer = TextTokenizer.load(init)
@@ -243,26 +294,28 @@ def run(args) -> dict:
         start, saved = restore(resume, run_args, RESUME_KEYS, model, optimizer)
         ledger = Ledger(**{**saved, "peak_tflops": ledger.peak_tflops,  # this device's, if resumed elsewhere
                            "price_per_device_hour": ledger.price_per_device_hour})
-    pool = task.train_set(args.pool, args.seed)
-    test = task.test_set(args.eval_problems)
-    # every prompt a step can draw fits the engine's context (tokenising 20,000 takes ~0.5 s)
-    longest = max(len(prompt_ids(tokenizer, p)) for p in pool + test)
-    engine = Engine(model, tokenizer, max_batch=args.prompts * args.group, max_len=longest + args.max_new_tokens,
-                    prefill_chunk=PREFILL_TOKENS)
+    pools = {t.name: t.train_set(args.pool, args.seed) for t, _ in mix}
+    tests = [(t, t.test_set(args.eval_problems)) for t, _ in mix]
+    # every prompt a step can draw fits the engine's context (tokenising 20,000 takes ~0.5 s; with the tools'
+    # definitions, a few seconds)
+    longest = max(len(prompt_ids(tokenizer, p, task_tools(t))) for t, test in tests for p in pools[t.name] + test)
+    tools = any(task_tools(t) is not None for t, _ in mix)
+    engine = Engine(model, tokenizer, max_batch=args.prompts * args.group,
+                    max_len=rollout_context(longest, args.max_new_tokens, tools), prefill_chunk=PREFILL_TOKENS)
     metrics = run_dir / "metrics.jsonl"
     run_dir.mkdir(parents=True, exist_ok=True)
     truncate_metrics(metrics, start)
     if start == 0:
         with precision():
-            append_metrics(metrics, {"step": 0, **held_out(engine, tokenizer, task, test, args.max_new_tokens)})
+            append_metrics(metrics, {"step": 0, **held_out(engine, tokenizer, tests, args.max_new_tokens)})
     line: dict = {}
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"rl {task.name}", disable=None)
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"rl {args.task}", disable=None)
     for step in bar:
         t0 = time.perf_counter()
-        problems = random.Random(args.seed * 1_000_003 + step).sample(pool, args.prompts)
+        problems = draw_problems(mix, pools, step, args.prompts, args.seed)
         before = engine.processed_tokens
         with torch.no_grad(), precision():
-            batch = sample_batch(engine, tokenizer, task, problems, args, step)
+            batch = sample_batch(engine, tokenizer, problems, args, step)
         sampled = engine.processed_tokens - before
         t_sample = time.perf_counter() - t0
         model.train()
@@ -277,7 +330,7 @@ def run(args) -> dict:
         line.update({"sample_seconds": t_sample, "seconds": dt})
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             with precision():
-                line.update(held_out(engine, tokenizer, task, test, args.max_new_tokens))
+                line.update(held_out(engine, tokenizer, tests, args.max_new_tokens))
         append_metrics(metrics, line)
         bar.set_postfix(reward=f"{line['reward']:.2f}", len=f"{line['length']:.0f}",
                         **({"eval": f"{line['eval_pass@1']:.2f}"} if "eval_pass@1" in line else {}))
