@@ -173,7 +173,7 @@ def test_rl_refuses_group_1_and_sizes_the_cache_for_the_whole_pool(base, tmp_pat
             super().__init__(*args, **kwargs)
             sizes.append(self.max_len)
 
-    monkeypatch.setattr(trainer, "get_task", lambda name: LongLast())
+    monkeypatch.setattr(trainer, "parse_mix", lambda spec: [(LongLast(), 1)])
     monkeypatch.setattr(trainer, "Engine", Recording)
     trainer.run(rl_args(base, tmp_path / "rl", "--group", "2", "--pool", "1200", "--steps", "0"))
     longest = prompt_ids(TextTokenizer.load(base / "base" / "latest"), LongLast().train_set(1200)[-1])
