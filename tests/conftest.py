@@ -226,3 +226,13 @@ def leanseek_layout(tok, theirs, messages, tools=None, add=False):
     if add:
         put([c(ASSISTANT)])
     return ids, mask
+
+
+def served_model(texts: list[str], max_position_embeddings: int):
+    """What the API tests serve: a 300-token tokenizer trained on texts and a random small model for it."""
+    from leanseek.data import train_tokenizer
+
+    tok = train_tokenizer(iter(texts), 300)
+    torch.manual_seed(0)
+    config = small_config(vocab_size=tok.vocab_size, max_position_embeddings=max_position_embeddings)
+    return randomise(leanseek.Transformer(config), seed=3), tok

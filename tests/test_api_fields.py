@@ -9,11 +9,10 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import randomise, small_config
+from conftest import served_model
 from test_server import CHAT, TEXTS, Server
 
 import leanseek
-from leanseek.data import train_tokenizer
 from leanseek.data.tokenizer import (ASSISTANT, BOS, END_OF_TURN, END_THINK, SPECIAL_TOKENS, SYSTEM, THINK,
                                      USER)
 from leanseek.serve.text import TokenPieces
@@ -41,11 +40,7 @@ class UsageSpy:
 
 @pytest.fixture(scope="module")
 def setup():
-    tok = train_tokenizer(iter(TEXTS), 300)
-    torch.manual_seed(0)
-    model = randomise(leanseek.Transformer(small_config(vocab_size=tok.vocab_size, max_position_embeddings=512)),
-                      seed=3)
-    return model, tok
+    return served_model(TEXTS, 512)
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,12 @@ import openai
 import pydantic
 import pytest
 import torch
-from conftest import ScriptedEngine, quiet, randomise, small_config  # noqa: F401
+from conftest import ScriptedEngine, quiet, served_model, small_config  # noqa: F401
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from test_server import CHAT, TEXTS, Server
 
 import leanseek
-from leanseek.data import TextTokenizer, train_tokenizer
+from leanseek.data import TextTokenizer
 from leanseek.data.tokenizer import BASE_TOKENS
 
 DEFINE = {"type": "function", "function": {
@@ -53,11 +53,7 @@ CALL_ID = re.compile(r"call_[0-9a-f]{24}")
 
 @pytest.fixture(scope="module")
 def setup():
-    tok = train_tokenizer(iter(TEXTS), 300)
-    torch.manual_seed(0)
-    model = randomise(leanseek.Transformer(small_config(vocab_size=tok.vocab_size, max_position_embeddings=1024)),
-                      seed=3)
-    return model, tok
+    return served_model(TEXTS, 1024)
 
 
 @pytest.fixture(scope="module")
