@@ -58,7 +58,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}"
 )
 ROLES = ("system", "user", "assistant", "tool")
-TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function and response-format names
 
 
 def _environment() -> ImmutableSandboxedEnvironment:

@@ -63,7 +63,7 @@ from jinja2.defaults import DEFAULT_NAMESPACE
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..data.chat import LEANSEEK_CHAT, ChatError, ChatFormat, validate, validate_tools
+from ..data.chat import LEANSEEK_CHAT, TOOL_NAME, ChatError, ChatFormat, validate, validate_tools
 from ..data.tokenizer import BASE_TOKENS, END_OF_TURN, END_THINK, THINK
 from ..infer.constrain import Grammar, reply_grammar
 from ..infer.engine import Engine
@@ -165,7 +165,6 @@ class CompletionRequest(Sampling):
     best_of: int | None = None
 
 
-NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function and schema names
 TOOL_CHOICES = '"auto", "none", "required" or {"type": "function", "function": {"name": ...}}'
 
 
@@ -174,7 +173,7 @@ class ReplySpec:
     """What a chat request asks of its reply besides text: the tools it may call, how, and the reply's form."""
 
     tools: list[dict] = field(default_factory=list)  # validated definitions, OpenAI's shape
-    choice: str | dict = "none"  # "auto", "none", "required" or {"name": NAME}: exactly that function
+    choice: str | dict = "none"  # "auto", "none", "required" or {"name": ...}: exactly that function
     parallel: bool = True
     json_schema: dict | None = None  # the content must validate against it
     any_json: bool = False  # the content must be a JSON object
@@ -235,7 +234,7 @@ def read_response_format(value: Any) -> tuple[dict | None, bool]:
     if not isinstance(spec, dict):
         raise ApiError(400, "response_format.json_schema: must be an object with a name and a schema",
                        param="response_format.json_schema")
-    if not isinstance(spec.get("name"), str) or not NAME.fullmatch(spec["name"]):
+    if not isinstance(spec.get("name"), str) or not TOOL_NAME.fullmatch(spec["name"]):
         raise ApiError(400, "response_format.json_schema.name: 1 to 64 letters, digits, underscores or dashes",
                        param="response_format.json_schema.name")
     if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
