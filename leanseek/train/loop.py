@@ -211,7 +211,7 @@ class Corpus:
 def load_corpus(args) -> Corpus:
     if args.stage == "sft":
         tokenizer = TextTokenizer.load(checkpoint_of(Path(args.init)))
-        (train, train_mask), (val, val_mask) = sft_streams(tokenizer, args.data, args.seed)
+        (train, train_mask), (val, val_mask) = sft_streams(tokenizer, args.data, args.seed, args.seq_len)
         return Corpus(tokenizer, train, val, train_mask, val_mask)
     return Corpus(TextTokenizer.load(args.data), load_split(args.data, "train")[0], load_split(args.data, "val")[0])
 
