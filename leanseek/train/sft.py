@@ -12,6 +12,7 @@ longer than a window is split, from a window's start."""
 from __future__ import annotations
 
 import random
+from collections import deque
 
 import numpy as np
 
@@ -64,23 +65,19 @@ def windowed(encoded: list[tuple[list[int], list[bool]]], seq_len: int,
     to the first of the last OPEN_WINDOWS windows it fits in, or starts a new window; a piece longer than a window
     starts a window of its own and runs on; every window but the last is padded to seq_len."""
     windows: list[tuple[list[int], list[bool]]] = []
-    open_ = []  # indices of windows with room
+    recent = deque(maxlen=OPEN_WINDOWS)  # indices of the newest windows, the ones a piece may join
     for ids, mask in encoded:
-        home = next((w for w in open_ if len(windows[w][0]) + len(ids) <= seq_len), None)
+        if len(ids) > seq_len:
+            windows += [(ids[i:i + seq_len], mask[i:i + seq_len]) for i in range(0, len(ids), seq_len)]
+            recent.append(len(windows) - 1)
+            continue
+        home = next((w for w in recent if len(windows[w][0]) + len(ids) <= seq_len), None)
         if home is None:
             windows.append(([], []))
             home = len(windows) - 1
-            open_ = open_[-(OPEN_WINDOWS - 1):] + [home]
+            recent.append(home)
         windows[home][0].extend(ids)
         windows[home][1].extend(mask)
-        if len(ids) > seq_len:  # split from a window's start: its tail is a window of its own
-            w_ids, w_mask = windows.pop(home)
-            open_.remove(home)
-            cut = len(w_ids) - len(w_ids) % seq_len
-            windows += [(w_ids[i:i + seq_len], w_mask[i:i + seq_len]) for i in range(0, cut, seq_len)]
-            if cut < len(w_ids):
-                windows.append((w_ids[cut:], w_mask[cut:]))
-                open_.append(len(windows) - 1)
     for ids, mask in windows[:-1]:
         ids.extend([pad_id] * (seq_len - len(ids)))
         mask.extend([False] * (seq_len - len(mask)))
