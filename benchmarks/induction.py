@@ -75,10 +75,10 @@ def build(run: str, cfg: ModelConfig) -> nn.Module:
     if name == "plain":
         model = Plain(cfg)
         if std != "torch":
-            for name_, p in model.named_parameters():
+            for param, p in model.named_parameters():
                 if p.dim() == 2:
                     nn.init.normal_(p, std=float(std))
-                elif name_.endswith("bias"):
+                elif param.endswith("bias"):
                     nn.init.zeros_(p)
         embedding = model.embed.weight
     elif name == "llama":
