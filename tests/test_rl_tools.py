@@ -85,11 +85,11 @@ def test_rollout_runs_the_call_and_masks_the_tool_turn(tok):
                                        {"role": "assistant", "reasoning_content": "", "content": "harbor (noun): a "
                                                                                               "sheltered port."}])
     assert whole(prompts[0], out[0]) == want
-    assert out[0].final == tok.encode_markup(ANSWER) and out[0].calls == 1 and out[0].finished
+    assert out[0].final == tok.encode_markup(ANSWER) and len(out[0].calls) == 1 and out[0].finished
     assert sum(out[0].own) == len(tok.encode_markup(CALL)) + len(tok.encode_markup(ANSWER))
     assert whole(prompts[1], out[1]) == rendered(tok, question("port") + [
         {"role": "assistant", "content": "a place."}])
-    assert out[1].calls == 0 and out[1].finished
+    assert len(out[1].calls) == 0 and out[1].finished
 
     assert [len(c["contexts"]) for c in engine.calls] == [2, 1]
     first = len(tok.encode_markup(CALL))
@@ -110,11 +110,13 @@ def test_several_calls_and_rounds_up_to_the_bound(tok):
                                                            *results("harbor", "port"),
                                                            {"role": "assistant", "content": "harbor (noun): a "
                                                                                             "sheltered port."}])
-    assert r.calls == 2 and len(engine.calls) == 2
+    assert len(r.calls) == 2 and len(engine.calls) == 2
 
     engine = Scripted(tok, lambda text, k, seed: CALL)
     (r,) = rollouts(engine, tok, [prompt], 400, offers=True, max_rounds=2, tool_tokens=1000)
-    assert len(engine.calls) == 3 and r.calls == 2 and r.finished
+    assert len(engine.calls) == 3 and len(r.calls) == 2 and r.written == 3 and r.finished
+    assert r.calls[1] == {"name": "define", "arguments": '{"word": "harbor"}',
+                          "result": run_tool("define", '{"word": "harbor"}')}
     messages = question()
     for _ in range(2):
         messages += [call_message("I do not know it.", "harbor"), *results("harbor")]
@@ -128,7 +130,7 @@ def test_a_malformed_call_is_not_run_and_ends_the_reply(tok):
     engine = Scripted(tok, lambda text, k, seed: bad)
     prompt = encode_chat(tok, question(), add_generation_prompt=True, tools=tool_definitions())[0]
     (r,) = rollouts(engine, tok, [prompt], 100, offers=True)
-    assert len(engine.calls) == 1 and r.calls == 0 and r.malformed == 1
+    assert len(engine.calls) == 1 and len(r.calls) == 0 and r.malformed == r.written == 1
     assert r.tokens == r.final == tok.encode_markup(bad) and all(r.own)
 
 
@@ -151,11 +153,11 @@ def test_budgets_and_tasks_without_tools(tok):
     for room, calls in ((turn, 2), (turn - 1, 1)):
         engine = Scripted(tok, lambda text, k, seed: CALL if k == 0 else ANSWER)
         (r,) = rollouts(engine, tok, [prompt], 500, offers=True, tool_tokens=room)
-        assert len(engine.calls) == calls and r.finished == (calls == 2) and r.calls == calls - 1
+        assert len(engine.calls) == calls and r.finished == (calls == 2) and len(r.calls) == calls - 1
 
     engine = Scripted(tok, lambda text, k, seed: CALL)
     (r,) = rollouts(engine, tok, [prompt], 500, offers=False)
-    assert len(engine.calls) == 1 and r.calls == 0 and r.tokens == tok.encode_markup(CALL)
+    assert len(engine.calls) == 1 and len(r.calls) == 0 and r.tokens == tok.encode_markup(CALL)
 
 
 @needs_wordnet

@@ -241,7 +241,7 @@ def tok():
 def test_probe_scores_a_model_that_uses_the_tool(held_out_wordnet, tok):
     sft = [[{"role": "user", "content": "What does 'harbor' mean?"},
             {"role": "assistant", "content": "harbor (noun): a port."}]]
-    result = probes.tool_use(Oracle(tok, known={"harbor"}), tok, sft, n=6, max_new_tokens=64)
+    result = probes.tool_use(Oracle(tok, known={"harbor"}), tok, sft, n=6, max_new_tokens=160)
     assert result["with tool"]["f1"] == 1.0 and result["with tool"]["n"] == 6
     assert result["with tool"]["replies with a call"] == 1.0 and result["with tool"]["well-formed calls"] == 1.0
     assert result["with tool"]["calls written"] == 6
@@ -255,28 +255,30 @@ def test_probe_scores_a_model_that_uses_the_tool(held_out_wordnet, tok):
     # a word SFT mentions is not held out
     mentioned = sft + [[{"role": "user", "content": f"What does '{held_out_wordnet[0]}' mean?"},
                         {"role": "assistant", "content": "?"}]]
-    assert probes.tool_use(Oracle(tok), tok, mentioned, n=10, max_new_tokens=64)["with tool"]["n"] == 5
+    assert probes.tool_use(Oracle(tok), tok, mentioned, n=10, max_new_tokens=160)["with tool"]["n"] == 5
 
 
 def test_probe_counts_malformed_and_unknown_calls(held_out_wordnet, tok):
-    cut = probes.tool_use(Oracle(tok, bad_call=lambda w: 'define<|tool_args|>{"word": '), tok, [], 6, 64)
+    cut = probes.tool_use(Oracle(tok, bad_call=lambda w: 'define<|tool_args|>{"word": '), tok, [], 6, 160)
     assert cut["with tool"]["calls written"] == 6 and cut["with tool"]["well-formed calls"] == 0.0
     assert cut["with tool"]["replies with a call"] == 0.0
-    unknown = probes.tool_use(Oracle(tok, bad_call=lambda w: f'lookup<|tool_args|>{{"w": "{w}"}}'), tok, [], 6, 64)
+    unknown = probes.tool_use(Oracle(tok, bad_call=lambda w: f'lookup<|tool_args|>{{"w": "{w}"}}'), tok, [], 6,
+                              160)
     with_tool = unknown["with tool"]
     assert with_tool["replies with a call"] == 1.0 and with_tool["well-formed calls"] == 0.0
     # the error came back as the tool's result, and the oracle read it out
     assert with_tool["examples"][0]["reply"].startswith("error: no tool named 'lookup'")
 
 
-def test_tool_replies_stop_at_the_round_bound_and_the_context(held_out_wordnet, tok):
+def test_tool_replies_stop_at_the_round_bound_and_need_the_context(held_out_wordnet, tok):
     class Caller(Oracle):
         def answer(self, text):
             return f'<think></think>{TOOL_CALL}define<|tool_args|>{{"word": "goose"}}'
 
     engine = Caller(tok)
-    [r] = probes.tool_replies(engine, tok, ["What does 'fox' mean?"], 16, max_rounds=2)
+    [r] = probes.tool_replies(engine, tok, ["What does 'fox' mean?"], 200, max_rounds=2)
     assert len(engine.prompts) == 3 and len(r["calls"]) == 2 and r["attempts"] == 3
+    # the context of the last round is the conversation as the chat template renders it
     assert engine.prompts[-1] == encode_chat(tok, [{"role": "user", "content": "What does 'fox' mean?"}]
                                              + 2 * [{"role": "assistant", "content": "", "tool_calls": [
                                                  {"id": "x", "type": "function", "function": {
@@ -284,9 +286,10 @@ def test_tool_replies_stop_at_the_round_bound_and_the_context(held_out_wordnet, 
                                                  {"role": "tool", "tool_call_id": "x",
                                                   "content": tools.define("goose")}],
                                              add_generation_prompt=True, tools=tools.tool_definitions())[0]
-    short = Caller(tok, max_len=len(engine.prompts[1]) + 16)  # the third prompt does not fit
-    [r] = probes.tool_replies(short, tok, ["What does 'fox' mean?"], 16, max_rounds=4)
-    assert len(short.prompts) == 2 and len(r["calls"]) == 2
+    short = Caller(tok, max_len=len(engine.prompts[0]) + 64)
+    with pytest.raises(ValueError, match="need a context of"):
+        probes.tool_replies(short, tok, ["What does 'fox' mean?"], 64)
+    assert not short.prompts
 
 
 def test_probe_runs_on_a_tiny_model(held_out_wordnet, tok):

@@ -26,8 +26,9 @@ from ..tasks import parse_mix
 from ..train.balance import expert_load, max_violation
 from ..train.checkpoint import checkpoint_of
 from ..train.cost import forward_flops
-from ..tools import MAX_TOOL_ROUNDS, assistant_message, define, tool_definitions, tool_results
+from ..tools import MAX_TOOL_ROUNDS, define, tool_definitions
 from ..train.loader import eval_windows
+from .tasks import rollout_context, rollouts
 
 
 def reply(engine: Engine, tokenizer: TextTokenizer, prompts: list[str], max_new_tokens: int,
@@ -58,34 +59,23 @@ def converse(engine: Engine, tokenizer: TextTokenizer, questions: list[str], max
 
 def tool_replies(engine: Engine, tokenizer: TextTokenizer, prompts: list[str], max_new_tokens: int,
                  max_rounds: int = MAX_TOOL_ROUNDS) -> list[dict]:
-    """Greedy replies with the built-in tools offered: a reply's calls are run and the model goes on, for up to
-    max_rounds rounds of calls (or until the context is full). Each {"user", "content" (the last reply's),
-    "calls" ([{"name", "arguments", "result"}] run), "attempts" (calls written, well-formed or not)}."""
-    tools, new_parser, stop = tool_definitions(), tool_parser(LEANSEEK_CHAT), tokenizer.token_id(END_OF_TURN)
-    chats = [[{"role": "user", "content": p}] for p in prompts]
-    results = [{"user": p, "content": "", "calls": [], "attempts": 0} for p in prompts]
-    active = list(range(len(prompts)))
-    for round in range(max_rounds + 1):
-        ids = {i: encode_chat(tokenizer, chats[i], add_generation_prompt=True, tools=tools)[0] for i in active}
-        active = [i for i in active if len(ids[i]) + max_new_tokens <= engine.max_len]
-        outs = engine.generate([ids[i] for i in active], max_new_tokens=max_new_tokens, stop=[stop]) if active else []
-        going = []
-        for i, out in zip(active, outs):
-            reasoning, text = TextStream(tokenizer, [], chat=True).feed(out, final=True)
-            parser = new_parser()
-            content = parser.feed(text)[0] + parser.finish()[0]
-            result = results[i]
-            result["content"] = content.strip()
-            result["attempts"] += len(parser.calls) + content.count(TOOL_CALL)  # a malformed call stays as text
-            message = assistant_message(reasoning, content, parser.calls)
-            chats[i].append(message)
-            if parser.calls and round < max_rounds:
-                answers = tool_results(message)
-                result["calls"] += [{**call["function"], "result": answer["content"]}
-                                    for call, answer in zip(message["tool_calls"], answers)]
-                chats[i] += answers
-                going.append(i)
-        active = going
+    """Greedy replies with the built-in tools offered, their calls run as `leanseek eval` and GRPO run them
+    (eval.tasks.rollouts: up to max_rounds rounds, max_new_tokens of the model's own over all of them). Each
+    {"user", "content" (the last round's), "calls" ([{"name", "arguments", "result"}] run), "attempts" (calls
+    written, well-formed or not, run or not)}."""
+    ids = [encode_chat(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True,
+                       tools=tool_definitions())[0] for p in prompts]
+    need = rollout_context(max(map(len, ids), default=0), max_new_tokens, tools=True)
+    if need > engine.max_len:
+        raise ValueError(f"replies with tools need a context of {need} tokens; the engine's max_len is "
+                         f"{engine.max_len}")
+    results = []
+    for prompt, out in zip(prompts, rollouts(engine, tokenizer, ids, max_new_tokens, offers=True,
+                                             max_rounds=max_rounds)):
+        parser = tool_parser(LEANSEEK_CHAT)()
+        content = parser.feed(TextStream(tokenizer, [], chat=True).feed(out.final, final=True)[1])[0]
+        results.append({"user": prompt, "content": (content + parser.finish()[0]).strip(), "calls": out.calls,
+                        "attempts": out.written})
     return results
 
 
@@ -214,7 +204,7 @@ def run_probes(out: Path, preset: dict, device: str = "auto") -> dict:
     for name in ("sft", "rl"):
         path = checkpoint_of(out / name)
         tokenizer, model = TextTokenizer.load(path), load_hf(path, dtype=dtype, device=device)
-        engine = Engine(model, tokenizer, max_batch=64, max_len=512)
+        engine = Engine(model, tokenizer, max_batch=64, max_len=1024)  # room for tool rounds (tool_replies)
         recall[name] = definition_recall(engine, tokenizer, sft_chats, p["definitions"], p["max_new_tokens"])
         tools[name] = tool_use(engine, tokenizer, sft_chats, p.get("tool_words", p["definitions"]),
                                p["max_new_tokens"])

@@ -9,7 +9,7 @@ import argparse
 import json
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -48,13 +48,15 @@ class Sample:
 class Rollout:
     """One reply, perhaps over several rounds of tool calls. tokens: all of it after the prompt; own: for each
     token, whether the model wrote it (not a tool turn the trainer inserted); final: the last round's tokens, the
-    answer the task judges; calls: tool calls run and answered; malformed: calls written but not parsed (never
-    run); finished: the reply ended by itself (its end-of-turn token), not cut off by a budget."""
+    answer the task judges; calls: the tool calls run, {"name", "arguments", "result"} each; written: every call
+    the model wrote, run or not (past the round bound or a budget), well-formed or not; malformed: those not parsed
+    (never run); finished: the reply ended by itself (its end-of-turn token), not cut off by a budget."""
 
     tokens: list[int]
     own: list[bool]
     final: list[int]
-    calls: int = 0
+    calls: list[dict] = field(default_factory=list)
+    written: int = 0
     malformed: int = 0
     finished: bool = False
 
@@ -115,20 +117,23 @@ def rollouts(engine: Engine, tokenizer, prompts: list[list[int]], max_new_tokens
             text = TextStream(tokenizer, [], chat=True).feed(o, final=True)[1]
             parser = new_parser()
             content = parser.feed(text)[0] + parser.finish()[0]
-            r.malformed += content.count(TOOL_CALL)  # a malformed call stays in the text
+            malformed = content.count(TOOL_CALL)  # a malformed call stays in the text
+            r.malformed += malformed
+            r.written += malformed + len(parser.calls)
             if not parser.calls or round == max_rounds:
                 continue
             if budgets[i] == len(o):  # no room left for an answer
                 r.finished = False
                 continue
-            turns = [t for c in parser.calls
-                     for t in [tokenizer.token_id(TOOL), *tokenizer.encode(run_tool(c.name, c.arguments)), stop]]
+            calls = [{"name": c.name, "arguments": c.arguments, "result": run_tool(c.name, c.arguments)}
+                     for c in parser.calls]
+            turns = [t for c in calls for t in [tokenizer.token_id(TOOL), *tokenizer.encode(c["result"]), stop]]
             turns.append(tokenizer.token_id(ASSISTANT))
             inserted[i] += len(turns)
             if inserted[i] > tool_tokens:  # no room for the results
                 r.finished = False
                 continue
-            r.calls += len(parser.calls)
+            r.calls += calls
             r.tokens += turns
             r.own += [False] * len(turns)
             going.append(i)

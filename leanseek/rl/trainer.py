@@ -170,7 +170,7 @@ def sample_batch(engine: Engine, tokenizer: TextTokenizer, problems: list[tuple[
              "truncated": float((~finished).float().mean()), "zero_std_groups": float(zero_std.float().mean())}
     offered = [o for o, t in zip(outs, tools) if t is not None]
     if offered:
-        stats["tool_calls"] = sum(o.calls for o in offered) / len(offered)
+        stats["tool_calls"] = sum(len(o.calls) for o in offered) / len(offered)
         stats["malformed_calls"] = sum(o.malformed for o in offered) / len(offered)
     names = list(dict.fromkeys(t.name for t in owner))
     if len(names) > 1:
