@@ -1,5 +1,6 @@
 """`leanseek export RUN_OR_CHECKPOINT --out DIR`: a training checkpoint as a Hugging Face folder (config.json,
-safetensors, tokenizer, generation_config.json) that transformers, vLLM and SGLang load.
+safetensors, tokenizer, generation_config.json) that transformers, vLLM and SGLang load; `--gguf FILE`: as one GGUF
+file that llama.cpp loads (see gguf.py).
 
 A whole-model checkpoint already is one (less its optimizer state); a sharded run's checkpoint (model-shards/) is
 not, and this is the one step that gathers its weights, in a single process, after training.
@@ -23,13 +24,20 @@ from .integrity import seal
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="RUN_OR_CHECKPOINT",
                    help="a run folder (its newest checkpoint is exported) or a checkpoint folder, sharded or not")
-    p.add_argument("--out", required=True, help="the Hugging Face folder to write (absent or empty)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="the Hugging Face folder to write (absent or empty)")
+    where.add_argument("--gguf", metavar="FILE", help="write a GGUF file for llama.cpp instead (needs the gguf "
+                                                      "package: pip install 'leanseek[gguf]')")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="the weights' dtype (the routing bias stays float32); default: float32, as trained")
+                   help="--out: the weights' dtype (the routing bias stays float32); default: float32, as trained")
+    p.add_argument("--outtype", default="f32", choices=["f32", "f16", "q8_0"],
+                   help="--gguf: the matrices' type (norms and the router stay f32); default: f32")
 
 
 def run(args) -> Path:
     source = checkpoint_of(Path(args.model))
+    if args.gguf:
+        return export_gguf(source, Path(args.gguf), args.outtype)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out}: exists and is not an empty folder; name a new one")
@@ -48,4 +56,19 @@ def run(args) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"exported {source} to {out} ({args.dtype}): a Hugging Face model folder")
+    return out
+
+
+def export_gguf(source: Path, out: Path, outtype: str) -> Path:
+    from .gguf import write_gguf
+
+    if out.is_dir():
+        raise ValueError(f"--gguf {out}: is a folder; name the file to write")
+    if not (source / "tokenizer.json").is_file():
+        raise ValueError(f"{source} has no tokenizer.json: a GGUF file carries its tokenizer")
+    written = write_gguf(load_hf(source), TextTokenizer.load(source), out, outtype, name=source.parent.parent.name
+                         if source.parent.name == "checkpoints" else source.name)
+    types = ", ".join(f"{n} {kind}" for kind, n in sorted(written["types"].items()))
+    print(f"exported {source} to {out} ({outtype}; {written['tensors']} tensors: {types}; "
+          f"{written['bytes'] / 2**20:.1f} MiB): a GGUF file for llama.cpp")
     return out

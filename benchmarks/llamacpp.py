@@ -1,0 +1,135 @@
+"""leanseek's engine against llama.cpp on the same weights, side by side in one run: a checkpoint is exported with
+`leanseek export --gguf` (f32 and q8_0), greedy outputs are compared, then both decode and prefill are timed.
+
+    pip install llama-cpp-python   # dev-only: builds llama.cpp from source (minutes)
+    .venv/bin/python benchmarks/llamacpp.py [--model runs/speedrun-cpu/rl] [--threads 2] [--new-tokens 128]
+
+Printed, with the CPU model and thread count: greedy agreement with llama.cpp f32 on chat prompts (tokens equal
+before the first difference, of those leanseek wrote up to its end of turn) and tokenization parity on their text;
+then tokens/s for batch-1 decode (a 32-token prompt, --new-tokens tokens, the prefill excluded), prefill of a
+400-token prompt, and aggregate decode at 16 concurrent sequences. llama.cpp runs through llama-cpp-python's
+`Llama` (its generate loop, greedy), which decodes one sequence at a time: its 16-sequence figure is its
+single-stream one, labelled. leanseek runs eagerly (what `leanseek serve` and `chat` use today) and compiled
+(Engine(compile=True), compiled in an untimed warm-up).
+"""
+
+import argparse
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+from grammar_mask import best_of, cpu_model
+
+import leanseek
+from leanseek.data import TextTokenizer
+from leanseek.data.chat import encode_chat
+from leanseek.data.tokenizer import END_OF_TURN
+from leanseek.train.checkpoint import checkpoint_of
+from leanseek.train.gguf import write_gguf
+
+REPEATS = 3  # each figure the best of this many runs (16 sequences: of 2)
+PROMPTS = ["Hello! Who are you?", "What does 'harbor' mean?", "What is 37 + 48?", "Tell me about Python lists."]
+
+
+class LlamaCpp:
+    def __init__(self, path: Path, threads: int, n_ctx: int):
+        from llama_cpp import Llama
+
+        self.llm = Llama(str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                         verbose=False)
+
+    def generate(self, prompt: list[int], n: int, stop: int | None = None) -> list[int]:
+        self.llm.reset()
+        out = []
+        for token in self.llm.generate(prompt, temp=0.0, reset=True):
+            if token == stop:
+                break
+            out.append(token)
+            if len(out) == n:
+                break
+        return out
+
+    def prefill(self, prompt: list[int]) -> None:
+        self.llm.reset()
+        self.llm.eval(prompt)
+
+
+def agreement(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="runs/speedrun-cpu/rl", help="a run folder or checkpoint (./run.sh's final "
+                                                                    "model by default)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--no-compile", action="store_true", help="time leanseek's eager engine only")
+    args = ap.parse_args()
+    source = checkpoint_of(Path(args.model))
+    torch.set_num_threads(args.threads)
+    tok = TextTokenizer.load(source)
+    model = leanseek.load_hf(source)
+    end = tok.token_id(END_OF_TURN)
+    rng = random.Random(0)
+    short = [rng.randrange(300, tok.vocab_size) for _ in range(32)]
+    long = [rng.randrange(300, tok.vocab_size) for _ in range(400)]
+    n_ctx = 512
+    engines = {"eager": leanseek.Engine(model, tok, max_batch=16, max_len=n_ctx)}
+    if not args.no_compile:
+        engines["compiled"] = leanseek.Engine(model, tok, max_batch=16, max_len=n_ctx, compile=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        peers = {}
+        for outtype in ("f32", "q8_0"):
+            path = Path(tmp) / f"model-{outtype}.gguf"
+            written = write_gguf(model, tok, path, outtype)
+            peers[f"llama.cpp {outtype}"] = LlamaCpp(path, args.threads, n_ctx)
+            print(f"# exported {source} as {outtype}: {written['bytes'] / 2**20:.1f} MiB", flush=True)
+        print(f"# {cpu_model()}, {args.threads} threads, torch {torch.__version__}, "
+              f"llama-cpp-python {__import__('llama_cpp').__version__}; {model.cfg.param_counts()}")
+
+        f32 = peers["llama.cpp f32"]
+        same_tokens = all(f32.llm.tokenize(p.encode(), add_bos=False, special=False) == tok.encode(p)
+                          for p in PROMPTS)
+        print(f"tokenization of the prompts' text: {'identical' if same_tokens else 'DIFFERS'}")
+        for question in PROMPTS:
+            ids = encode_chat(tok, [{"role": "user", "content": question}], add_generation_prompt=True)[0]
+            ours = engines["eager"].generate([ids], max_new_tokens=64, stop=[end])[0]
+            ours = ours[:-1] if ours and ours[-1] == end else ours
+            theirs = f32.generate(ids, 64, stop=end)
+            print(f"greedy agreement {agreement(ours, theirs):>3}/{len(ours):<3} {question!r}")
+
+        def ours_decode(engine, prompts, n):
+            outs = engine.generate(prompts, max_new_tokens=n)
+            assert all(len(o) == n for o in outs)
+
+        n = args.new_tokens
+        rows = {}
+        for name, engine in engines.items():
+            ours_decode(engine, [short], n)  # warm-up (and compilation)
+            ours_decode(engine, [short] * 16, n)
+            engine.generate([long], max_new_tokens=1)
+            first = best_of(lambda: ours_decode(engine, [short], 1), REPEATS)
+            whole = best_of(lambda: ours_decode(engine, [short], n), REPEATS)
+            prefill = best_of(lambda: engine.generate([long], max_new_tokens=1), REPEATS)
+            sixteen = best_of(lambda: ours_decode(engine, [short] * 16, n), 2)
+            rows[f"leanseek {name}"] = ((n - 1) / (whole - first), 400 / prefill, 16 * n / sixteen, "")
+        for name, peer in peers.items():
+            peer.generate(short, n)
+            first = best_of(lambda: peer.generate(short, 1), REPEATS)
+            whole = best_of(lambda: peer.generate(short, n), REPEATS)
+            decode = (n - 1) / (whole - first)
+            rows[name] = (decode, 400 / best_of(lambda: peer.prefill(long), REPEATS), decode, " (one stream)")
+    reference = rows["llama.cpp f32"]
+    print("\n| engine | batch-1 decode tok/s | prefill 400 tokens, tok/s | 16 sequences, tok/s |")
+    print("|---|---|---|---|")
+    for name, (decode, prefill, aggregate, note) in rows.items():
+        print(f"| {name} | {decode:,.0f} ({decode / reference[0]:.2f}x) | {prefill:,.0f} "
+              f"({prefill / reference[1]:.2f}x) | {aggregate:,.0f}{note} |")
+    print(f"\nratios against llama.cpp f32; each figure the best of {REPEATS} runs")
+
+
+if __name__ == "__main__":
+    main()
