@@ -22,7 +22,7 @@ import torch
 from grammar_mask import best_of, cpu_model
 
 import leanseek
-from leanseek.data import TextTokenizer
+from leanseek.data import TextTokenizer, load_split
 from leanseek.data.chat import encode_chat
 from leanseek.data.tokenizer import END_OF_TURN
 from leanseek.train.checkpoint import checkpoint_of
@@ -55,6 +55,16 @@ class LlamaCpp:
         self.llm.eval(prompt)
 
 
+def split_parity(llm, tok: TextTokenizer, data: Path) -> tuple[int, int, int]:
+    """Each document of the validation split (a <|bos|> and its tokens), decoded to text and tokenized again by
+    llama.cpp: how many come out as the very tokens leanseek wrote, of how many, and the split's tokens."""
+    tokens = load_split(data, "val")[0][:].tolist()
+    starts = [i for i, t in enumerate(tokens) if t == tok.bos_id] + [len(tokens)]
+    docs = [tokens[a + 1:b] for a, b in zip(starts, starts[1:])]
+    same = sum(llm.tokenize(tok.decode(doc).encode(), add_bos=False, special=False) == doc for doc in docs)
+    return same, len(docs), len(tokens)
+
+
 def agreement(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
@@ -63,6 +73,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="runs/speedrun-cpu/rl", help="a run folder or checkpoint (./run.sh's final "
                                                                     "model by default)")
+    ap.add_argument("--data", help="a `leanseek data` folder whose validation split llama.cpp must tokenize as "
+                                   "leanseek did (default: the run's own, beside --model, if there)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--no-compile", action="store_true", help="time leanseek's eager engine only")
@@ -94,6 +106,11 @@ def main() -> None:
         same_tokens = all(f32.llm.tokenize(p.encode(), add_bos=False, special=False) == tok.encode(p)
                           for p in PROMPTS)
         print(f"tokenization of the prompts' text: {'identical' if same_tokens else 'DIFFERS'}")
+        data = Path(args.data) if args.data else Path(args.model).parent / "data"
+        if (data / "manifest.json").is_file():
+            same, docs, n_tokens = split_parity(f32.llm, tok, data)
+            print(f"tokenization of {data}'s validation split ({n_tokens:,} tokens): {same:,} of {docs:,} "
+                  "documents identical")
         for question in PROMPTS:
             ids = encode_chat(tok, [{"role": "user", "content": question}], add_generation_prompt=True)[0]
             ours = engines["eager"].generate([ids], max_new_tokens=64, stop=[end])[0]
