@@ -2,6 +2,7 @@ import itertools
 import os
 import random
 import socket
+import tempfile
 import threading
 import time
 import warnings
@@ -16,6 +17,8 @@ from leanseek.infer.engine import Output
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# torch.compile's cache: a fixed folder of the temporary directory (reused by later runs), not the user's cache
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), "leanseek-tests-torch-compile"))
 
 
 def small_config(**overrides) -> leanseek.ModelConfig:

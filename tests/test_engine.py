@@ -1,5 +1,7 @@
 """The engine against step-by-step argmax over full forward passes (expanded attention, no cache)."""
 
+import os
+
 import pytest
 import torch
 from conftest import alternating_drafter, randomise, small_config
@@ -212,6 +214,8 @@ def test_compiled_decoding_equals_eager(model):
     stored after the pass) give the eager engine's tokens, plain and speculative, greedy and seeded sampling."""
     compiled = Engine(model, max_batch=1, max_len=48, compile=True)
     eager = Engine(model, max_batch=1, max_len=48)
+    assert compiled.warm_up(progress=False) == [1] and eager.warm_up() == []  # what serve and chat do at start
+    assert not any(compiled.stats.values())
     for kw in [dict(), dict(speculative=True), dict(temperature=0.9, top_p=0.9, seed=1)]:
         assert compiled.generate(PROMPTS[:3], max_new_tokens=6, **kw) == eager.generate(PROMPTS[:3],
                                                                                          max_new_tokens=6, **kw)
@@ -263,3 +267,15 @@ def test_batched_prefill_of_ragged_prompts(model, monkeypatch):
     alone = Engine(model, max_batch=1, max_len=64).generate(prompts, **kw)
     assert Engine(model, max_batch=len(prompts), max_len=64).generate(prompts, **kw) == alone
     assert len(set(map(tuple, alone))) > len(distinct)  # the samples of one prompt differ
+
+
+def test_compile_cache_outlives_tmp(monkeypatch, tmp_path):
+    """torch.compile's cache goes to the user's cache folder unless TORCHINDUCTOR_CACHE_DIR names one."""
+    from leanseek.infer.engine import compile_cache
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compile_cache() == tmp_path / "leanseek" / "torch-compile"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "leanseek" / "torch-compile")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert compile_cache() == tmp_path / "mine"

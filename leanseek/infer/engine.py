@@ -30,11 +30,16 @@ from __future__ import annotations
 
 import itertools
 import operator
+import os
+import sys
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from ..model.moe import Experts
 from ..model.transformer import Transformer
@@ -118,6 +123,16 @@ def _greedy_speculative_fn(model: Transformer, ids: torch.Tensor, at, draft_at):
     return top, drafts, at.written, draft_at.written
 
 
+def compile_cache() -> Path:
+    """Where torch.compile keeps what it builds, so that a restart loads the decode steps instead of compiling them
+    again: $TORCHINDUCTOR_CACHE_DIR if set, else leanseek's folder in the user's cache (~/.cache/leanseek), which,
+    unlike torch's default under /tmp, outlives a reboot."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base / "leanseek" / "torch-compile")
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
 class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
                  prefill_chunk: int = 512, compile: bool = False):
@@ -141,6 +156,7 @@ class Engine:
         experts = [m for m in model.modules() if isinstance(m, Experts)]
         self._experts = experts[0] if experts else None
         if compile:  # one graph per power-of-two batch, for 1 and 2 tokens a step
+            compile_cache()
             graphs = 2 * max_batch.bit_length()
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
             self._compiled = {fn: torch.compile(fn, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
@@ -175,6 +191,19 @@ class Engine:
     def acceptance_rate(self) -> float | None:
         """The fraction of MTP drafts the main model accepted so far (None before any)."""
         return self.stats["accepted"] / self.stats["drafted"] if self.stats["drafted"] else None
+
+    def warm_up(self, progress: bool = True) -> list[int]:
+        """Compile the decode step for every batch size a compiled step runs at (or load it from the compile cache,
+        compile_cache), so that no request waits for a compilation. Returns those batch sizes ([] uncompiled)."""
+        sizes = sorted({pad for b in range(1, self.max_batch + 1) if (pad := self._pad(b, 1)) is not None})
+        start = time.perf_counter()
+        for size in tqdm(sizes, desc="compiling decode steps", unit="batch size", disable=not progress or not sizes):
+            self.generate([[0]] * min(size, self.max_batch), max_new_tokens=2)
+        self.stats = dict.fromkeys(self.stats, 0)  # the counts are of requests served
+        if progress and sizes:
+            print(f"decode steps ready in {time.perf_counter() - start:.0f} s (compile cache: {compile_cache()})",
+                  file=sys.stderr)
+        return sizes
 
     # ------------------------------------------------------------------------------------------ the API
 

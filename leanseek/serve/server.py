@@ -16,7 +16,7 @@ import uvicorn
 
 from ..data.chat import chat_format
 from ..data.tokenizer import TextTokenizer
-from ..device import add_device_arguments, inference_dtype, use_device
+from ..device import add_compile_argument, add_device_arguments, inference_dtype, use_device, wants_compile
 from ..infer.engine import Engine
 from ..model.hf import load_hf
 from ..train.checkpoint import checkpoint_of
@@ -36,7 +36,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-request-tokens", type=int, default=MAX_REQUEST_TOKENS, metavar="N",
                    help="the most tokens one request may ask to generate, prompts x n x max_tokens (past it: a 400 "
                         "naming n or max_tokens; default: %(default)d)")
-    p.add_argument("--compile", action="store_true", help="compiled decode steps (faster after a warm-up)")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                    help="a request must arrive in full (headers and body) within SECONDS of its first byte (else 408 "
                         "and the connection closed), and a stream whose client reads nothing for SECONDS is cut and "
@@ -49,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="one line per request on stderr: client, method, path, status, tokens (prompt/completion), "
                         "latency, request id (the response's x-request-id); on unless --no-access-log")
     add_device_arguments(p)
+    add_compile_argument(p)
 
 
 def open_network_warning(host: str, api_key: str | None) -> str | None:
@@ -86,7 +86,9 @@ def run(args) -> None:
     path = checkpoint_of(Path(args.model))
     model = load_hf(path, dtype=inference_dtype(device), device=device)
     tokenizer = TextTokenizer.load(path, strict=False)  # any DeepSeek-architecture folder
-    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_len=args.max_len, compile=args.compile)
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_len=args.max_len,
+                    compile=wants_compile(args, device))
+    engine.warm_up()
     name = args.name or Path(args.model).resolve().name
     app = create_app(engine, tokenizer, name, api_key=args.api_key, max_queue=args.max_queue, worker_thread=False,
                      chat_format=chat_format(path), max_request_tokens=args.max_request_tokens)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..data.chat import LEANSEEK_CHAT, encode_chat
 from ..data.tokenizer import END_OF_TURN, END_THINK, THINK, TextTokenizer
-from ..device import add_device_arguments, inference_dtype, use_device
+from ..device import add_compile_argument, add_device_arguments, inference_dtype, use_device, wants_compile
 from ..infer.engine import Engine
 from ..model.hf import load_hf
 from ..tools import MAX_TOOL_ROUNDS, assistant_message, tool_definitions, tool_results
@@ -170,12 +170,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=1024, help="tokens of the whole conversation")
     p.add_argument("--no-tools", action="store_true", help="do not offer the built-in tools (/tools on|off)")
     add_device_arguments(p)
+    add_compile_argument(p)
 
 
 def run(args) -> None:
     device = use_device(args)
     path = checkpoint_of(Path(args.model))
     model, tokenizer = load_hf(path, dtype=inference_dtype(device), device=device), TextTokenizer.load(path)
-    engine = Engine(model, tokenizer, max_batch=1, max_len=args.max_len)
+    engine = Engine(model, tokenizer, max_batch=1, max_len=args.max_len, compile=wants_compile(args, device))
+    engine.warm_up()
     TerminalChat(engine, tokenizer, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                  tools=not args.no_tools).run()
