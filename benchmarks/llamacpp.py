@@ -9,8 +9,9 @@ before the first difference, of those leanseek wrote up to its end of turn) and 
 then tokens/s for batch-1 decode (a 32-token prompt, --new-tokens tokens, the prefill excluded), prefill of a
 400-token prompt, and aggregate decode at 16 concurrent sequences. llama.cpp runs through llama-cpp-python's
 `Llama` (its generate loop, greedy), which decodes one sequence at a time: its 16-sequence figure is its
-single-stream one, labelled. leanseek runs eagerly (what `leanseek serve` and `chat` use today) and compiled
-(Engine(compile=True), compiled in an untimed warm-up).
+single-stream one, labelled. leanseek runs eagerly and compiled (Engine(compile=True), what `leanseek serve` and
+`chat` use on a CPU; compiled in an untimed warm-up). The engines take turns, five rounds, and each figure is an
+engine's best round.
 """
 
 import argparse
@@ -28,7 +29,7 @@ from leanseek.data.tokenizer import END_OF_TURN
 from leanseek.train.checkpoint import checkpoint_of
 from leanseek.train.gguf import write_gguf
 
-REPEATS = 3  # each figure the best of this many runs (16 sequences: of 2)
+REPEATS = 5  # each figure the best of this many runs
 PROMPTS = ["Hello! Who are you?", "What does 'harbor' mean?", "What is 37 + 48?", "Tell me about Python lists."]
 
 
@@ -123,22 +124,32 @@ def main() -> None:
             assert all(len(o) == n for o in outs)
 
         n = args.new_tokens
-        rows = {}
+        # name -> (decode 1 token, decode n tokens, prefill, 16 sequences or None), each a callable to time
+        runs = {}
         for name, engine in engines.items():
-            ours_decode(engine, [short], n)  # warm-up (and compilation)
-            ours_decode(engine, [short] * 16, n)
-            engine.generate([long], max_new_tokens=1)
-            first = best_of(lambda: ours_decode(engine, [short], 1), REPEATS)
-            whole = best_of(lambda: ours_decode(engine, [short], n), REPEATS)
-            prefill = best_of(lambda: engine.generate([long], max_new_tokens=1), REPEATS)
-            sixteen = best_of(lambda: ours_decode(engine, [short] * 16, n), 2)
-            rows[f"leanseek {name}"] = ((n - 1) / (whole - first), 400 / prefill, 16 * n / sixteen, "")
+            engine.warm_up(progress=False)
+            runs[f"leanseek {name}"] = (lambda e=engine: ours_decode(e, [short], 1),
+                                        lambda e=engine: ours_decode(e, [short], n),
+                                        lambda e=engine: e.generate([long], max_new_tokens=1),
+                                        lambda e=engine: ours_decode(e, [short] * 16, n))
         for name, peer in peers.items():
-            peer.generate(short, n)
-            first = best_of(lambda: peer.generate(short, 1), REPEATS)
-            whole = best_of(lambda: peer.generate(short, n), REPEATS)
-            decode = (n - 1) / (whole - first)
-            rows[name] = (decode, 400 / best_of(lambda: peer.prefill(long), REPEATS), decode, " (one stream)")
+            runs[name] = (lambda p=peer: p.generate(short, 1), lambda p=peer: p.generate(short, n),
+                          lambda p=peer: p.prefill(long), None)
+        for fn in (fn for fns in runs.values() for fn in fns if fn is not None):  # warm-up
+            fn()
+        # the engines take turns, each repeat timing every one of them: a slow spell of this shared machine
+        # falls on all of them rather than on whichever ran then
+        times = {name: [[] for _ in fns] for name, fns in runs.items()}
+        for _ in range(REPEATS):
+            for name, fns in runs.items():
+                for i, fn in enumerate(fns):
+                    if fn is not None:
+                        times[name][i].append(best_of(fn, 1))
+        rows = {}
+        for name, (first, whole, prefill, sixteen) in times.items():
+            decode = (n - 1) / (min(whole) - min(first))
+            rows[name] = (decode, 400 / min(prefill), 16 * n / min(sixteen) if sixteen else decode,
+                          "" if sixteen else " (one stream)")
     reference = rows["llama.cpp f32"]
     print("\n| engine | batch-1 decode tok/s | prefill 400 tokens, tok/s | 16 sequences, tok/s |")
     print("|---|---|---|---|")

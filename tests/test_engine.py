@@ -210,8 +210,9 @@ def test_memory_report(model):
 
 
 def test_compiled_decoding_equals_eager(model):
-    """Engine(compile=True): fixed-shape decode steps (padded batch, attention over the whole cache, latents
-    stored after the pass) give the eager engine's tokens, plain and speculative, greedy and seeded sampling."""
+    """Engine(compile=True): compiled decode steps (padded batch, attention over the filled positions rounded up
+    to a bucket, latents stored after the pass) give the eager engine's tokens, plain and speculative, greedy and
+    seeded sampling; one graph per batch size serves every length (no compilation as a reply grows)."""
     compiled = Engine(model, max_batch=1, max_len=48, compile=True)
     eager = Engine(model, max_batch=1, max_len=48)
     assert compiled.warm_up(progress=False) == [1] and eager.warm_up() == []  # what serve and chat do at start
@@ -220,6 +221,16 @@ def test_compiled_decoding_equals_eager(model):
         assert compiled.generate(PROMPTS[:3], max_new_tokens=6, **kw) == eager.generate(PROMPTS[:3],
                                                                                          max_new_tokens=6, **kw)
     assert compiled.stats == eager.stats
+
+    from torch._dynamo.utils import counters
+
+    long = Engine(model, max_batch=2, max_len=200, compile=True)
+    long.warm_up(progress=False)
+    graphs = counters["stats"]["unique_graphs"]
+    prompts = [PROMPTS[0], PROMPTS[1] * 6]
+    assert long.generate(prompts, max_new_tokens=150) == Engine(model, max_batch=2, max_len=200).generate(
+        prompts, max_new_tokens=150)  # spans of 64, 128 and 192 positions
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_batched_prefill_of_ragged_prompts(model, monkeypatch):

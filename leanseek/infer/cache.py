@@ -9,14 +9,19 @@ import torch
 from ..model.config import ModelConfig
 
 
+BUCKET = 64  # a compiled step attends over the positions filled, rounded up to a multiple of this
+
+
 class LatentCache:
     def __init__(self, cfg: ModelConfig, slots: int, max_len: int, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32, layers: int | None = None):
         """layers: how many attention layers to hold (default: the model's; the MTP modules get a cache of their
         own). One slot more than asked is kept as scratch space for the padding rows of fixed-shape steps."""
         L = cfg.num_hidden_layers if layers is None else layers
-        self.kv = torch.zeros(L, slots + 1, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim, device=device,
-                              dtype=dtype)
+        # BUCKET positions more than max_len: a compiled step's attention span never reaches the tensor's length,
+        # where torch.compile would specialise (and compile again, mid-generation)
+        self.kv = torch.zeros(L, slots + 1, max_len + BUCKET, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+                              device=device, dtype=dtype)
         self.scratch = slots
         self.lengths = [0] * slots  # positions filled in each slot
         self.max_len = max_len
@@ -30,7 +35,8 @@ class LatentCache:
     def step(self, slots: list[int], T: int, pad_to: int | None = None) -> CacheStep:
         """Place the next T tokens of the sequences in `slots`, each after its own filled positions. pad_to: fixed
         shapes for a compiled forward, pad_to rows (the extra ones write to the scratch slot) attending over the
-        whole cache length."""
+        positions filled so far rounded up to a multiple of BUCKET, a dimension the compiled graph leaves dynamic
+        (one graph for every length)."""
         return CacheStep(self, slots, T, pad_to)
 
 
@@ -55,12 +61,15 @@ class CacheStep:
         self.written: list[torch.Tensor] = []
         if self.fixed:
             extra = pad_to - len(slots)
-            slots, starts, S = slots + [cache.scratch] * extra, starts + [0] * extra, cache.max_len
+            slots, starts = slots + [cache.scratch] * extra, starts + [0] * extra
+            S = -(-S // BUCKET) * BUCKET
         self.positions = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)  # [B, T]
         hidden = torch.arange(S, device=device) > self.positions[..., None]  # [B, T, S]: not yet written
         self.bias = torch.zeros(len(slots), 1, T, S, device=device).masked_fill_(hidden[:, None], float("-inf"))
+        if self.fixed:
+            torch._dynamo.maybe_mark_dynamic(self.bias, 3)
         self.rows = torch.tensor(slots, device=device)
-        self.index = (self.rows[:, None] * cache.max_len + self.positions).flatten()  # into [slots * max_len, D]
+        self.index = (self.rows[:, None] * cache.kv.shape[2] + self.positions).flatten()  # into [slots x length, D]
         lo = slots[0]
         self._view = slice(lo, lo + len(slots)) if slots == list(range(lo, lo + len(slots))) else None
 

@@ -151,7 +151,8 @@ class Engine:
         self.draft_cache: LatentCache | None = None  # the MTP module's own, made by the first speculative request
         # tokens through the model (prompt tokens prefilled, tokens generated) and MTP drafts made / accepted
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "drafted": 0, "accepted": 0}
-        # compiled decode steps have fixed shapes: padded to a power-of-two batch, attending over the whole cache
+        # compiled decode steps: padded to a power-of-two batch, attending over the filled positions rounded up to
+        # a multiple of cache.BUCKET (a dimension left dynamic: one graph per batch size whatever the lengths)
         self._compiled = None
         experts = [m for m in model.modules() if isinstance(m, Experts)]
         self._experts = experts[0] if experts else None
