@@ -98,7 +98,7 @@ class _Request:
     matcher: Matcher | None = None  # where the request is in its constraint's grammar
 
 
-# The forward passes of a decode step. Engine(compile=True) compiles them with fixed shapes; each returns, last,
+# The forward passes of a decode step. Engine(compile=True) compiles them for fixed batch sizes; each returns, last,
 # the latents its CacheSteps collected (empty when they wrote directly), for Engine._call to store.
 
 def _decode_fn(model: Transformer, ids: torch.Tensor, at):
