@@ -10,10 +10,11 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer, pre_tokenizers
 
 import leanseek
 from conftest import randomise, small_config, yarn
-from leanseek.data.tokenizer import _pre_tokenizer, train_tokenizer
+from leanseek.data.tokenizer import TextTokenizer, _pre_tokenizer, train_tokenizer
 
 gguf = pytest.importorskip("gguf")
 from leanseek.train.gguf import PRE_TOKENIZER, write_gguf  # noqa: E402
@@ -170,6 +171,11 @@ def test_metadata_tokenizer_and_refusals(tmp_path, tok):
     assert f["tokenizer.ggml.eot_token_id"] == tok.token_id("<|end|>")
     ids = tok.encode(" the cat")  # byte-level spellings, as in tokenizer.json
     assert "".join(listed[i] for i in ids) == "ĠtheĠcat" and {kinds[i] for i in ids} == {gguf.TokenType.NORMAL}
+
+    foreign = TextTokenizer(Tokenizer.from_str(tok.tk.to_str()))
+    foreign.tk.pre_tokenizer = pre_tokenizers.ByteLevel()  # GPT-2's split: digits in runs
+    with pytest.raises(ValueError, match="convert_hf_to_gguf"):
+        write_gguf(model, foreign, tmp_path / "foreign.gguf")
 
     v2 = randomise(leanseek.Transformer(small_config(vocab_size=tok.vocab_size, scoring_func="softmax",
                                                      topk_method="group_limited_greedy", n_group=4, topk_group=2)))

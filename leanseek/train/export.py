@@ -66,8 +66,9 @@ def export_gguf(source: Path, out: Path, outtype: str) -> Path:
         raise ValueError(f"--gguf {out}: is a folder; name the file to write")
     if not (source / "tokenizer.json").is_file():
         raise ValueError(f"{source} has no tokenizer.json: a GGUF file carries its tokenizer")
-    written = write_gguf(load_hf(source), TextTokenizer.load(source), out, outtype, name=source.parent.parent.name
-                         if source.parent.name == "checkpoints" else source.name)
+    run = source.parent.parent if source.parent.name == "checkpoints" else source
+    # not strict: a foreign tokenizer is refused by write_gguf, with what to use instead
+    written = write_gguf(load_hf(source), TextTokenizer.load(source, strict=False), out, outtype, name=run.name)
     types = ", ".join(f"{n} {kind}" for kind, n in sorted(written["types"].items()))
     print(f"exported {source} to {out} ({outtype}; {written['tensors']} tensors: {types}; "
           f"{written['bytes'] / 2**20:.1f} MiB): a GGUF file for llama.cpp")

@@ -23,8 +23,11 @@ import os
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, models
 
 from ..data import TextTokenizer
+from ..data.chat import CHAT_TEMPLATE
+from ..data.tokenizer import _pre_tokenizer
 from ..model.transformer import Transformer
 
 OUTTYPES = ("f32", "f16", "q8_0")
@@ -139,9 +142,12 @@ def write_metadata(writer, model: Transformer, tokenizer: TextTokenizer, file_ty
 def write_tokenizer(writer, tokenizer: TextTokenizer, vocab_size: int) -> None:
     gguf = _gguf()
     spec = json.loads(tokenizer.tk.to_str())
-    if spec["model"]["type"] != "BPE":
-        raise ValueError(f"the tokenizer is {spec['model']['type']}, not byte-level BPE: GGUF export writes "
-                         "leanseek's own tokenizers")
+    reference = Tokenizer(models.BPE())
+    reference.pre_tokenizer = _pre_tokenizer()
+    if spec["model"]["type"] != "BPE" or spec["pre_tokenizer"] != json.loads(reference.to_str())["pre_tokenizer"]:
+        raise ValueError("the tokenizer is not one `leanseek data` trains (byte-level BPE after leanseek's split), "
+                         "so no llama.cpp pre-tokenizer is known to match it; for a DeepSeek release use "
+                         "llama.cpp's convert_hf_to_gguf.py")
     n = tokenizer.vocab_size
     if n > vocab_size:
         raise ValueError(f"the tokenizer has {n} tokens but the model's vocab_size is {vocab_size}")
@@ -164,7 +170,6 @@ def write_tokenizer(writer, tokenizer: TextTokenizer, vocab_size: int) -> None:
         writer.add_eot_token_id(end)  # the end of the assistant's turn: chat generation stops there
     writer.add_add_bos_token(False)  # leanseek's chat template writes <|bos|> itself
     writer.add_add_eos_token(False)
-    from ..data.chat import CHAT_TEMPLATE
     writer.add_chat_template(CHAT_TEMPLATE)
 
 
