@@ -211,14 +211,14 @@ def test_llama_cpp_pre_tokenizer_splits_as_leanseek_does():
                                                                "'", " '", "3.14", "ß", "\u0301"]
     texts = docs + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 16))) for _ in range(5000)]
     byte_level = _pre_tokenizer()
-    to_bytes = {b: c for b, c in enumerate(leanseek_byte_alphabet())}
+    to_bytes = {b: c for b, c in enumerate(gpt2_byte_alphabet())}
     for text in texts:
         want = [p for p, _ in byte_level.pre_tokenize_str(text)]
         got = ["".join(to_bytes[b] for b in p.encode()) for p in split(split([text], regex.compile(r"\p{N}")), gpt2)]
         assert got == want, text
 
 
-def leanseek_byte_alphabet() -> list[str]:
+def gpt2_byte_alphabet() -> list[str]:
     """GPT-2's byte -> printable character table (its bytes_to_unicode), which llama.cpp's unicode.cpp also uses."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table, extra = {}, 0
