@@ -40,6 +40,12 @@ def add_compile_argument(parser: argparse.ArgumentParser) -> None:
                              "seconds); default: on for the CPU, off for GPUs (not yet measured there)")
 
 
+def add_prefix_cache_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
+                        help="reuse the latent cache of a prompt's longest prefix computed before (a shared system "
+                             "prompt, a chat's history), prefilling only the rest; replies are the same without it (default: on)")
+
+
 def wants_compile(args: argparse.Namespace, device: torch.device) -> bool:
     return args.compile if args.compile is not None else device.type == "cpu"
 

@@ -92,6 +92,9 @@ class ScriptedEngine:
     def pending(self) -> int:
         return len(self.running)
 
+    def cache_usage(self) -> float:
+        return len(self.running) / self.max_batch
+
     def step(self) -> list[Output]:
         time.sleep(self.delay)
         outs = []

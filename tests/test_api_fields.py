@@ -273,7 +273,7 @@ def test_echo_and_logprobs_on_a_token_id_batch_as_lm_eval_sends_it(server, sent,
     assert [c["index"] for c in body["choices"]] == [0, 1]
     assert [p for p, _ in sent] == prompts  # ids taken as given, the control token too
     assert body["usage"] == {"prompt_tokens": sum(map(len, prompts)), "completion_tokens": 2, "total_tokens":
-                             sum(map(len, prompts)) + 2}
+                             sum(map(len, prompts)) + 2, "prompt_tokens_details": {"cached_tokens": 0}}
     for prompt, choice in zip(prompts, body["choices"]):
         lp = choice["logprobs"]
         tokens = [names[t] for t in lp["tokens"]]
@@ -328,6 +328,31 @@ def test_completions_prompts_n_and_streamed_logprobs(server, sent, setup):
         assert streamed["token_logprobs"][0] is choice["logprobs"]["token_logprobs"][0] is None
         for got, want in zip(streamed["top_logprobs"], choice["logprobs"]["top_logprobs"], strict=True):
             assert (got is None and want is None) or got == pytest.approx(want, abs=1e-5)
+
+
+def test_usage_counts_the_prompt_tokens_reused_from_the_prefix_cache(server, sent):
+    """Two chats with one long system prompt: the second reuses the full cache blocks the two prompts share, and
+    says so in usage.prompt_tokens_details.cached_tokens (as OpenAI's API does) and in /metrics."""
+    from leanseek.infer.cache import BLOCK
+
+    def hits() -> float:
+        text = httpx.get(server.url + "/metrics").text
+        return float(next(x.split()[1] for x in text.splitlines() if x.startswith("leanseek_prefix_cache_hit_")))
+
+    system = {"role": "system", "content": "You answer in one short sentence, plainly, and never guess. " * 3}
+    usages = [post(server, "/v1/chat/completions", {"model": "micro", "max_tokens": 2, "temperature": 0,
+                                                   "messages": [system, {"role": "user", "content": text}]}
+                   ).json()["usage"] for text in ("What is a harbor?", "Name a port.")]
+    (first, _), (second, _) = sent[-2:]
+    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    before = hits()
+    assert shared >= 2 * BLOCK and usages[0]["prompt_tokens_details"]["cached_tokens"] % BLOCK == 0
+    assert usages[1]["prompt_tokens_details"]["cached_tokens"] == shared // BLOCK * BLOCK
+    assert usages[1]["prompt_tokens"] == len(second)
+    again = post(server, "/v1/chat/completions", {"model": "micro", "max_tokens": 2, "temperature": 0,
+                                                 "messages": [system, {"role": "user", "content": "Name a port."}]})
+    cached = again.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached == (len(second) - 1) // BLOCK * BLOCK and hits() == before + cached
 
 
 # ------------------------------------------------------------------------------------------------ the input boundary

@@ -1,30 +1,64 @@
-"""The MLA latent KV cache: per layer and sequence slot, only [c^KV; k^R] of each position, the normalised latent
-and the rotated shared key (kv_lora_rank + qk_rope_head_dim values), instead of every head's full key and value.
-One tensor holds both, so a single matmul scores a query against them (see MLA.forward_absorbed)."""
+"""The MLA latent KV cache: per layer, only [c^KV; k^R] of each position, the normalised latent and the rotated
+shared key (kv_lora_rank + qk_rope_head_dim values), instead of every head's full key and value. One tensor holds
+both, so a single matmul scores a query against them (see MLA.forward_absorbed).
+
+Paged, as vLLM's PagedAttention (Kwon et al. 2023) and nano-vllm's block manager: the positions live in a pool of
+fixed-size blocks shared by all sequences, and each sequence slot keeps a block table (its blocks in order), so
+memory follows the tokens a sequence holds rather than the longest context it might reach. Full blocks are named by
+a hash of every token up to their end, so a request whose prompt starts as an earlier one did (a system prompt, the
+history of a chat) points its table at the blocks already computed and prefills only the rest (prefix reuse). A
+block is shared by reference count; a named block nobody holds stays cached until a new block is needed, the least
+recently used first."""
 
 from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
 
 import torch
 
 from ..model.config import ModelConfig
 
 
-BUCKET = 64  # a compiled step attends over the positions filled, rounded up to a multiple of this
+BLOCK = 16  # positions per block: the unit of allocation and of prefix reuse
+BUCKET = 64  # a compiled step attends over the positions filled, rounded up to a multiple of this (of BLOCK)
+SCRATCH = 0  # the block padding rows and padding positions write to (never read unmasked)
+
+
+def blocks_for(positions: int) -> int:
+    return -(-positions // BLOCK)
+
+
+class CacheFull(RuntimeError):
+    """No free block is left (the engine admits requests only when their worst case fits, so this is a bug)."""
 
 
 class LatentCache:
     def __init__(self, cfg: ModelConfig, slots: int, max_len: int, device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float32, layers: int | None = None):
-        """layers: how many attention layers to hold (default: the model's; the MTP modules get a cache of their
-        own). One slot more than asked is kept as scratch space for the padding rows of fixed-shape steps."""
+                 dtype: torch.dtype = torch.float32, layers: int | None = None, tokens: int | None = None):
+        """slots sequences at once, each up to max_len positions, in a pool of `tokens` positions (default
+        slots x max_len: every slot can fill its context). layers: how many attention layers to hold (default:
+        the model's; the MTP modules get a cache of their own). One slot more than asked is kept as scratch
+        space for the padding rows of fixed-shape steps."""
         L = cfg.num_hidden_layers if layers is None else layers
-        # BUCKET positions more than max_len: a compiled step's attention span never reaches the tensor's length,
-        # where torch.compile would specialise (and compile again, mid-generation)
-        self.kv = torch.zeros(L, slots + 1, max_len + BUCKET, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
-                              device=device, dtype=dtype)
+        pool = blocks_for(slots * max_len if tokens is None else tokens)
+        if pool < blocks_for(max_len):
+            raise ValueError(f"a cache of {tokens} tokens cannot hold one sequence of {max_len} (the context); "
+                             f"give it at least {blocks_for(max_len) * BLOCK}")
+        self.kv = torch.zeros(L, pool + 1, BLOCK, cfg.kv_lora_rank + cfg.qk_rope_head_dim, device=device,
+                              dtype=dtype)
+        self.max_len = max_len
         self.scratch = slots
         self.lengths = [0] * slots  # positions filled in each slot
-        self.max_len = max_len
+        self.tables: list[list[int]] = [[] for _ in range(slots)]  # each slot's blocks, in position order
+        self.digests: list[list[bytes]] = [[] for _ in range(slots)]  # the names of each slot's first full blocks
+        self.refs = [0] * (pool + 1)
+        self.free = list(range(pool, 0, -1))  # blocks holding nothing worth keeping
+        self.named: dict[bytes, int] = {}  # full blocks by the hash of every token up to their end
+        self.name_of: dict[int, bytes] = {}
+        self.idle: OrderedDict[int, None] = OrderedDict()  # named blocks nobody holds, least recently used first
+
+    # ---------------------------------------------------------------------------------------------- accounting
 
     def values_per_token(self) -> int:
         return self.kv.shape[0] * self.kv.shape[-1]
@@ -32,46 +66,148 @@ class LatentCache:
     def bytes_per_token(self) -> int:
         return self.values_per_token() * self.kv.element_size()
 
-    def step(self, slots: list[int], T: int, pad_to: int | None = None) -> CacheStep:
-        """Place the next T tokens of the sequences in `slots`, each after its own filled positions. pad_to: fixed
-        shapes for a compiled forward, pad_to rows (the extra ones write to the scratch slot) attending over the
-        positions filled so far rounded up to a multiple of BUCKET, a dimension the compiled graph leaves dynamic
-        (one graph for every length)."""
-        return CacheStep(self, slots, T, pad_to)
+    @property
+    def capacity(self) -> int:
+        """Positions the pool holds."""
+        return (self.kv.shape[1] - 1) * BLOCK
+
+    def available(self) -> int:
+        """Blocks a new allocation can take: the free ones and the cached ones nobody holds."""
+        return len(self.free) + len(self.idle)
+
+    def held_tokens(self) -> int:
+        """Positions in blocks that some sequence holds (shared blocks counted once)."""
+        return sum(1 for r in self.refs[1:] if r) * BLOCK
+
+    # ---------------------------------------------------------------------------------------------- blocks
+
+    def _take(self) -> int:
+        if self.free:
+            b = self.free.pop()
+        elif self.idle:  # evict the least recently used cached block
+            b, _ = self.idle.popitem(last=False)
+            del self.named[self.name_of.pop(b)]
+        else:
+            raise CacheFull(f"all {self.kv.shape[1] - 1} blocks of the latent cache are in use")
+        self.refs[b] = 1
+        return b
+
+    def _hold(self, b: int) -> None:
+        self.refs[b] += 1
+        self.idle.pop(b, None)
+
+    def _drop(self, b: int) -> None:
+        self.refs[b] -= 1
+        if not self.refs[b]:
+            if b in self.name_of:
+                self.idle[b] = None
+            else:
+                self.free.append(b)
+
+    def reserve(self, slot: int, positions: int) -> None:
+        """Give the slot blocks for its first `positions` positions."""
+        table = self.tables[slot]
+        while len(table) * BLOCK < positions:
+            table.append(self._take())
+
+    def release(self, slot: int) -> None:
+        """Empty the slot: its blocks go back to the pool (named ones stay cached for a later prefix match)."""
+        for b in self.tables[slot]:
+            self._drop(b)
+        self.tables[slot], self.digests[slot], self.lengths[slot] = [], [], 0
+
+    # ---------------------------------------------------------------------------------------------- prefix reuse
+
+    @staticmethod
+    def _name(parent: bytes, tokens: list[int]) -> bytes:
+        """A block's name: a hash of its parent's name and its own tokens, so of every token up to its end (SHA-256:
+        a crafted prompt cannot make another's blocks its own)."""
+        return hashlib.sha256(parent + b"".join(t.to_bytes(4, "little") for t in tokens)).digest()
+
+    def match(self, slot: int, tokens: list[int]) -> int:
+        """Point an empty slot at the cached blocks that hold a prefix of `tokens`, leaving at least the last
+        token to compute (its output is the next token's distribution). Returns the positions reused."""
+        assert not self.tables[slot], "match() is for an empty slot"
+        parent = b""
+        for i in range((len(tokens) - 1) // BLOCK):
+            name = self._name(parent, tokens[i * BLOCK:(i + 1) * BLOCK])
+            b = self.named.get(name)
+            if b is None:
+                break
+            self._hold(b)
+            self.tables[slot].append(b)
+            self.digests[slot].append(name)
+            parent = name
+        self.lengths[slot] = len(self.tables[slot]) * BLOCK
+        return self.lengths[slot]
+
+    def publish(self, slot: int, tokens: list[int]) -> None:
+        """Name the slot's full blocks that hold `tokens` (the tokens at its first len(tokens) positions, all
+        computed), so later requests can reuse them. A block whose content is already cached elsewhere stays
+        unnamed (it is freed with the slot)."""
+        assert len(tokens) <= self.lengths[slot]
+        names, table = self.digests[slot], self.tables[slot]
+        while len(names) < len(tokens) // BLOCK:
+            i = len(names)
+            name = self._name(names[-1] if names else b"", tokens[i * BLOCK:(i + 1) * BLOCK])
+            names.append(name)
+            if name not in self.named and table[i] not in self.name_of:
+                self.named[name], self.name_of[table[i]] = table[i], name
+
+    # ---------------------------------------------------------------------------------------------- steps
+
+    def step(self, slots: list[int], T: int, pad_to: int | None = None,
+             counts: list[int] | None = None) -> CacheStep:
+        """Place the next T tokens of the sequences in `slots`, each after its own filled positions (counts: how
+        many of each row's T are real; the padding after them writes to scratch). pad_to: fixed shapes for a
+        compiled forward, pad_to rows (the extra ones write to the scratch block) attending over the positions
+        filled so far rounded up to a multiple of BUCKET, a dimension the compiled graph leaves dynamic (one graph
+        for every length)."""
+        return CacheStep(self, slots, T, pad_to, counts)
 
 
 class CacheStep:
     """One forward pass over a LatentCache: the positions of B sequences' next T tokens, the attention mask over
-    what each can see, and per layer a write of the new latents and a read of the visible ones.
+    what each can see, and per layer a write of the new latents and a read of the visible ones (gathered through
+    the block tables).
 
     Built outside the model's forward from the cache's Python bookkeeping; inside it, only tensors are used, so a
     compiled forward sees the same graph whatever the lengths (see Engine(compile=True))."""
 
-    def __init__(self, cache: LatentCache, slots: list[int], T: int, pad_to: int | None = None):
+    def __init__(self, cache: LatentCache, slots: list[int], T: int, pad_to: int | None = None,
+                 counts: list[int] | None = None):
         self.cache, self.slots, self.T = cache, slots, T
         device = cache.kv.device
+        self.counts = counts = [T] * len(slots) if counts is None else counts
         starts = [cache.lengths[s] for s in slots]
-        S = max(starts) + T
+        S = max(start + n for start, n in zip(starts, counts))
         if S > cache.max_len:
             raise ValueError(f"the cache holds {cache.max_len} positions per sequence; this step needs {S}")
+        for s, start, n in zip(slots, starts, counts):
+            cache.reserve(s, start + n)
         # fixed shapes (a compiled forward): the cache is only read inside the forward, each layer's new latents
         # are collected in `written` and stored afterwards (store()), since writing into a graph input would
         # copy the whole layer's cache every step
         self.fixed = pad_to is not None
         self.written: list[torch.Tensor] = []
+        tables = [cache.tables[s] for s in slots]
         if self.fixed:
             extra = pad_to - len(slots)
-            slots, starts = slots + [cache.scratch] * extra, starts + [0] * extra
+            tables, starts, counts = tables + [[]] * extra, starts + [0] * extra, counts + [0] * extra
             S = -(-S // BUCKET) * BUCKET
+        width = blocks_for(S)
+        self.table = torch.tensor([t[:width] + [SCRATCH] * (width - len(t[:width])) for t in tables], device=device)
         self.positions = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)  # [B, T]
-        hidden = torch.arange(S, device=device) > self.positions[..., None]  # [B, T, S]: not yet written
-        self.bias = torch.zeros(len(slots), 1, T, S, device=device).masked_fill_(hidden[:, None], float("-inf"))
+        hidden = torch.arange(width * BLOCK, device=device) > self.positions[..., None]  # [B, T, S]: not yet written
+        self.bias = torch.zeros(len(tables), 1, T, width * BLOCK, device=device).masked_fill_(hidden[:, None],
+                                                                                             float("-inf"))
         if self.fixed:
+            torch._dynamo.maybe_mark_dynamic(self.table, 1)
             torch._dynamo.maybe_mark_dynamic(self.bias, 3)
-        self.rows = torch.tensor(slots, device=device)
-        self.index = (self.rows[:, None] * cache.kv.shape[2] + self.positions).flatten()  # into [slots x length, D]
-        lo = slots[0]
-        self._view = slice(lo, lo + len(slots)) if slots == list(range(lo, lo + len(slots))) else None
+        # where each new token's latent goes in a layer's pool viewed as [blocks x BLOCK, D]; padding to scratch
+        self.index = torch.tensor([t[p // BLOCK] * BLOCK + p % BLOCK if k < n else SCRATCH * BLOCK + k % BLOCK
+                                   for t, start, n in zip(tables, starts, counts)
+                                   for k, p in enumerate(range(start, start + T))], device=device)
 
     def write(self, layer: int, latent: torch.Tensor) -> None:
         """latent [B, T, D] -> the cache at each sequence's new positions."""
@@ -79,11 +215,9 @@ class CacheStep:
         kv.view(-1, kv.shape[-1]).index_put_((self.index,), latent.reshape(-1, kv.shape[-1]).to(kv.dtype))
 
     def read(self, layer: int) -> torch.Tensor:
-        """[B, S, D]: every position up to the furthest new one (the mask hides what a row may not see)."""
-        kv = self.cache.kv[layer, :, : self.bias.shape[-1]]
-        if not torch.compiler.is_compiling() and self._view is not None:  # eager: a view needs no gather
-            return kv[self._view]
-        return kv.index_select(0, self.rows)
+        """[B, S, D]: every position up to the furthest new one, in order (the mask hides what a row may not see)."""
+        B, width = self.table.shape
+        return self.cache.kv[layer].index_select(0, self.table.flatten()).view(B, width * BLOCK, -1)
 
     def attend(self, layer: int, rope: torch.Tensor):
         """A Block `attend` callable: MLA in its absorbed form over this layer's cache."""
@@ -104,6 +238,6 @@ class CacheStep:
             self.write(layer, latent)
 
     def advance(self) -> None:
-        """Count the T new positions as filled (after the forward pass that wrote them)."""
-        for s in self.slots:
-            self.cache.lengths[s] += self.T
+        """Count the new positions as filled (after the forward pass that wrote them)."""
+        for s, n in zip(self.slots, self.counts):
+            self.cache.lengths[s] += n

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from ..model.moe import Experts
 from ..model.transformer import Transformer
-from .cache import LatentCache
+from .cache import LatentCache, blocks_for
 from .constrain import Grammar, Matcher, mask_logits
 from .sampling import (SamplingParams, apply_penalties, batch_params, draw, probabilities, token_logprobs,
                        verify_drafts)
@@ -78,6 +78,7 @@ class Output:
     logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked (logprobs=N)
     # when the request asked (prompt_logprobs=N), on its first Output: one per prompt token, the first None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    cached_tokens: int = 0  # prompt tokens whose latents came from the prefix cache
 
 
 @dataclass
@@ -88,6 +89,7 @@ class _Request:
     speculative: bool
     generator: torch.Generator | None
     slot: int = -1
+    cached: int = 0  # prompt tokens whose latents came from the prefix cache
     output: list[int] = field(default_factory=list)
     sent: int = 0  # how much of output has been reported
     logprobs: list[TokenLogprob] | None = None  # one per output token, when asked
@@ -135,11 +137,16 @@ def compile_cache() -> Path:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
-                 prefill_chunk: int = 512, compile: bool = False):
+                 prefill_chunk: int = 512, compile: bool = False, cache_tokens: int | None = None,
+                 prefix_cache: bool = True):
         """max_batch sequences run at once, each up to max_len tokens (prompt and output). prefill_chunk: the most
         prompt tokens one prefill forward runs (padding included): the prompts admitted together are prefilled in
         batches of about that many tokens, a longer prompt alone in chunks of that many. compile: run decode steps
-        through torch.compile, which takes a while on first use and then removes most per-step overhead."""
+        through torch.compile, which takes a while on first use and then removes most per-step overhead.
+        cache_tokens: positions the paged latent cache holds for all sequences together (default max_batch x
+        max_len); a request waits until its worst case (prompt + max_new_tokens) fits beside the running ones'.
+        prefix_cache: reuse the cached latents of a prompt's longest prefix seen before (in blocks of
+        cache.BLOCK tokens), prefilling only the rest."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.cfg = model.cfg
@@ -147,10 +154,15 @@ class Engine:
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         weight = model.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.cache = LatentCache(self.cfg, max_batch, self.max_len, self.device, self.dtype)
+        if cache_tokens is not None and cache_tokens < self.max_len:
+            raise ValueError(f"cache_tokens ({cache_tokens}) must hold at least one sequence of max_len "
+                             f"({self.max_len}) tokens")
+        self.cache = LatentCache(self.cfg, max_batch, self.max_len, self.device, self.dtype, tokens=cache_tokens)
+        self.prefix_cache = prefix_cache
         self.draft_cache: LatentCache | None = None  # the MTP module's own, made by the first speculative request
-        # tokens through the model (prompt tokens prefilled, tokens generated) and MTP drafts made / accepted
-        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "drafted": 0, "accepted": 0}
+        # tokens through the model (prompt tokens prefilled, tokens generated), prompt tokens reused from the prefix
+        # cache, and MTP drafts made / accepted
+        self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "drafted": 0, "accepted": 0}
         # compiled decode steps: padded to a power-of-two batch, attending over the filled positions rounded up to
         # a multiple of cache.BUCKET (a dimension left dynamic: one graph per batch size whatever the lengths)
         self._compiled = None
@@ -178,10 +190,14 @@ class Engine:
         cache (every head's key and value), per token and for the engine's max_batch x max_len."""
         values = self.cfg.kv_cache_values_per_token()
         size = self.cache.kv.element_size()
-        tokens = self.max_batch * self.max_len
+        tokens = self.cache.capacity
         return {"mla_bytes_per_token": values["mla"] * size, "mha_bytes_per_token": values["mha"] * size,
                 "mla_cache_bytes": values["mla"] * size * tokens, "mha_cache_bytes": values["mha"] * size * tokens,
                 "reduction": 1 - values["mla"] / values["mha"]}
+
+    def cache_usage(self) -> float:
+        """The fraction of the latent cache's blocks that running requests hold."""
+        return self.cache.held_tokens() / self.cache.capacity
 
     @property
     def processed_tokens(self) -> int:
@@ -287,9 +303,8 @@ class Engine:
         ones: a token each, or one or two for speculative ones."""
         outs: list[Output] = []
         admitted = []
-        while self._waiting and self._free:
+        while self._waiting and self._free and self._admit(self._waiting[0]):
             r = self._waiting.popleft()
-            r.slot = self._free.pop()
             self._running.append(r)
             admitted.append(r)
         for batch in self._prefill_batches(admitted):
@@ -303,6 +318,30 @@ class Engine:
         return outs
 
     # ------------------------------------------------------------------------------------------ requests
+
+    def _worst_case(self, prompt: int, new: int) -> int:
+        """The most cache blocks a request can hold: its prompt, its output and a speculative step's draft."""
+        return blocks_for(min(prompt + new + 1, self.max_len))
+
+    def _blocks(self, r: _Request) -> int:
+        return self._worst_case(len(r.prompt), r.params.max_new_tokens)
+
+    def _admit(self, r: _Request) -> bool:
+        """Give the request a slot, and its prompt's cached prefix, if its worst case fits in the blocks the
+        running requests' worst cases leave; else leave it waiting."""
+        slot = self._free[-1]
+        cache = self.cache
+        if self.prefix_cache and not r.speculative and r.params.prompt_logprobs is None:
+            # the MTP module's cache and prompt log-probabilities need every prompt position computed
+            cache.match(slot, r.prompt)
+        promised = sum(max(0, self._blocks(o) - len(cache.tables[o.slot])) for o in self._running)
+        if self._blocks(r) - len(cache.tables[slot]) > cache.available() - promised:
+            cache.release(slot)
+            return False
+        r.slot = self._free.pop()
+        r.cached = cache.lengths[slot]
+        self.stats["cached_tokens"] += r.cached
+        return True
 
     def _request(self, prompt: list[int], params: dict, name: str) -> _Request:
         params = dict(params)
@@ -358,12 +397,17 @@ class Engine:
 
     def _release(self, r: _Request) -> None:
         self._running.remove(r)
+        if self.prefix_cache:  # what the slot computed stays cached for a request that continues it
+            self.cache.publish(r.slot, (r.prompt + r.output)[: self.cache.lengths[r.slot]])
+        self.cache.release(r.slot)
+        if self.draft_cache is not None:
+            self.draft_cache.release(r.slot)
         self._free.append(r.slot)
         r.draft = r.draft_probs = None
 
     def _report(self, r: _Request, finished: bool = False, error: str | None = None) -> Output:
         out = Output(r.id, r.output[r.sent:], finished, error, None if r.logprobs is None else r.logprobs[r.sent:],
-                     r.prompt_logprobs)
+                     r.prompt_logprobs, r.cached)
         r.sent, r.prompt_logprobs = len(r.output), None
         return out
 
@@ -513,11 +557,12 @@ class Engine:
         return out[: -len(steps)]
 
     def _prefill_batches(self, requests: list[_Request]) -> list[list[_Request]]:
-        """Requests to prefill together: by prompt length, as many as fit prefill_chunk tokens with the padding
-        to the longest (so a step's many samples of one prompt go in one forward)."""
+        """Requests to prefill together: by the length of what is left to compute (the prompt past its cached
+        prefix), as many as fit prefill_chunk tokens with the padding to the longest (so a step's many samples of
+        one prompt go in one forward)."""
         batches: list[list[_Request]] = []
-        for r in sorted(requests, key=lambda r: len(r.prompt)):
-            if batches and (len(batches[-1]) + 1) * len(r.prompt) <= self.prefill_chunk:
+        for r in sorted(requests, key=lambda r: len(r.prompt) - r.cached):
+            if batches and (len(batches[-1]) + 1) * (len(r.prompt) - r.cached) <= self.prefill_chunk:
                 batches[-1].append(r)
             else:
                 batches.append([r])
@@ -525,19 +570,16 @@ class Engine:
 
     def _run_prompts(self, cache: LatentCache, batch: list[_Request], seqs: list[list[int]], forward,
                      keep: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run token sequences seqs (one per request, ragged) into the requests' slots of `cache` from position 0,
-        prefill_chunk columns per forward(ids [B, t], at, start). Shorter sequences are padded at the end: the
-        padding's latents land past their sequence's end, where the attention mask hides them until the
-        sequence's own tokens overwrite them. Returns each sequence's last output [B, d] and, when keep, all of
-        them [B, T, d]."""
+        """Run token sequences seqs (one per request, ragged) into the requests' slots of `cache`, each after the
+        positions its slot holds, prefill_chunk columns per forward(ids [B, t], at, start). Shorter sequences are
+        padded at the end (the padding's latents go to the cache's scratch block). Returns each sequence's last
+        output [B, d] and, when keep, all of them [B, T, d]."""
         slots, lengths = [r.slot for r in batch], [len(x) for x in seqs]
-        for s in slots:
-            cache.lengths[s] = 0
         outs, last = [], None
         for start in range(0, max(lengths), self.prefill_chunk):
             width = min(self.prefill_chunk, max(lengths) - start)
             ids = [x[start:start + width] + [0] * (width - len(x[start:start + width])) for x in seqs]
-            at = cache.step(slots, width)
+            at = cache.step(slots, width, counts=[min(width, max(0, n - start)) for n in lengths])
             h = forward(torch.tensor(ids, device=self.device), at, start)
             at.advance()
             if keep:
@@ -548,19 +590,20 @@ class Engine:
             if ends:  # the sequences that end in this chunk
                 rows, cols = map(list, zip(*ends))
                 last[rows] = h[rows, cols]
-        for s, n in zip(slots, lengths):
-            cache.lengths[s] = n
         return last, torch.cat(outs, dim=1) if keep else None
 
     def _prefill(self, batch: list[_Request], outs: list[Output]) -> None:
         """The prompts of `batch` through the model (batched, ragged), their log-probabilities for the requests
         that asked, each request's first token (a request with max_new_tokens=0 only scores its prompt: it ends
         here), and the MTP module's first draft for speculative ones."""
-        self.stats["prompt_tokens"] += sum(len(r.prompt) for r in batch)
+        self.stats["prompt_tokens"] += sum(len(r.prompt) - r.cached for r in batch)
         speculative = any(r.speculative for r in batch)
         scored = any(r.params.prompt_logprobs is not None for r in batch)
-        last, hidden = self._run_prompts(self.cache, batch, [r.prompt for r in batch],
+        last, hidden = self._run_prompts(self.cache, batch, [r.prompt[r.cached:] for r in batch],
                                          lambda ids, at, start: self.model.step(ids, at), speculative or scored)
+        if self.prefix_cache:  # a request arriving while these run can reuse their prompts
+            for r in batch:
+                self.cache.publish(r.slot, r.prompt)
         if scored:
             self._score_prompts(batch, hidden)
         for r in batch:

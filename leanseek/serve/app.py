@@ -258,6 +258,7 @@ class Choice:
     echo: str = ""  # the prompt's text, put before the completion (echo)
     logprobs: list = field(default_factory=list)  # the engine's TokenLogprob per generated token
     prompt_logprobs: list | None = None
+    cached: int = 0  # prompt tokens the engine reused from its prefix cache
     offset: int = 0  # where the next generated token starts in the choice's text (legacy text_offset)
     echoed: bool = False
     released: bool = False
@@ -323,7 +324,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     grammars = chat_format.end == END_OF_TURN and all(tokenizer.token_id(t) is not None for t in BASE_TOKENS)
     max_len = getattr(engine, "max_len", None)
     stats = {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0, "latency_sum": 0.0,
-             "latency_count": 0, "ttft_sum": 0.0, "ttft_count": 0}
+             "latency_count": 0, "ttft_sum": 0.0, "ttft_count": 0, "cached_tokens": 0}
     app = FastAPI(title="leanseek", on_startup=[worker.start] if worker_thread else [], on_shutdown=[worker.close])
 
     def error_body(e: ApiError) -> JSONResponse:
@@ -382,7 +383,9 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         for name, kind, value, help_ in [
             ("requests_total", "counter", stats["requests"], "requests received"),
             ("request_errors_total", "counter", stats["errors"], "requests answered with an error"),
-            ("prompt_tokens_total", "counter", stats["prompt_tokens"], "prompt tokens processed"),
+            ("prompt_tokens_total", "counter", stats["prompt_tokens"], "prompt tokens received"),
+            ("prefix_cache_hit_tokens_total", "counter", stats["cached_tokens"],
+             "prompt tokens whose latents came from the prefix cache"),
             ("generation_tokens_total", "counter", stats["completion_tokens"], "tokens generated"),
             ("request_latency_seconds_sum", "counter", stats["latency_sum"], "total request latency"),
             ("request_latency_seconds_count", "counter", stats["latency_count"], "requests completed"),
@@ -390,7 +393,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             ("time_to_first_token_seconds_count", "counter", stats["ttft_count"], "first tokens"),
             ("queue_depth", "gauge", worker.waiting, "requests waiting for a slot"),
             ("running_requests", "gauge", worker.running, "requests decoding"),
-            ("cache_usage", "gauge", worker.running / engine.max_batch, "fraction of cache slots in use"),
+            ("cache_usage", "gauge", engine.cache_usage(), "fraction of the latent cache that running requests hold"),
         ]:
             lines += [f"# HELP leanseek_{name} {help_}", f"# TYPE leanseek_{name} {kind}", f"leanseek_{name} {value}"]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
@@ -630,6 +633,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             raise ApiError(400, event.error, param=prompt_name)
         stats["ttft_sum"] += time.perf_counter() - c.handle.submitted
         stats["ttft_count"] += 1
+        c.cached = event.cached_tokens
+        stats["cached_tokens"] += c.cached
         return event
 
     def finished(c: Choice) -> None:
@@ -642,12 +647,15 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         return "length" if len(stream.ids) >= max_tokens and not stopped else "stop"
 
     def usage(request: Request, prompts: list[tuple[list[int], str]], choices: list[Choice]) -> dict:
-        """The body's usage (each prompt counted once, as OpenAI counts it, however many choices it has), also left
-        on request.state for the access log."""
+        """The body's usage (each prompt counted once, as OpenAI counts it, however many choices it has; its cached
+        tokens those all its choices reused from the prefix cache), also left on request.state for the access log."""
         prompt = sum(len(p) for p, _ in prompts)
         completion = sum(len(c.stream.ids) for c in choices)
+        n = len(choices) // len(prompts)
+        cached = sum(min(c.cached for c in choices[i * n:(i + 1) * n]) for i in range(len(prompts)))
         request.state.usage = {"prompt_tokens": prompt, "completion_tokens": completion}
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     def chat_logprobs(entries: list) -> dict:
         def one(token: int, logprob: float) -> dict:

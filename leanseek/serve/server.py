@@ -16,7 +16,8 @@ import uvicorn
 
 from ..data.chat import chat_format
 from ..data.tokenizer import TextTokenizer
-from ..device import add_compile_argument, add_device_arguments, inference_dtype, use_device, wants_compile
+from ..device import (add_compile_argument, add_device_arguments, add_prefix_cache_argument, inference_dtype, use_device,
+                      wants_compile)
 from ..infer.engine import Engine
 from ..model.hf import load_hf
 from ..train.checkpoint import checkpoint_of
@@ -32,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="the model id clients use (default: the folder's name)")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded at once")
     p.add_argument("--max-len", type=int, default=1024, help="tokens per sequence, prompt and reply")
+    p.add_argument("--cache-tokens", type=int, metavar="N",
+                   help="positions the paged latent cache holds for all requests together (default: max-batch x "
+                        "max-len); a request waits until its prompt + max_tokens fits")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait beyond --max-batch (then 429)")
     p.add_argument("--max-request-tokens", type=int, default=MAX_REQUEST_TOKENS, metavar="N",
                    help="the most tokens one request may ask to generate, prompts x n x max_tokens (past it: a 400 "
@@ -49,6 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "latency, request id (the response's x-request-id); on unless --no-access-log")
     add_device_arguments(p)
     add_compile_argument(p)
+    add_prefix_cache_argument(p)
 
 
 def open_network_warning(host: str, api_key: str | None) -> str | None:
@@ -80,6 +85,8 @@ def run(args) -> None:
                         ("--max-connections", args.max_connections), ("--max-request-tokens", args.max_request_tokens)):
         if not value > 0:
             sys.exit(f"{flag} must be positive, not {value}")
+    if args.cache_tokens is not None and args.cache_tokens < args.max_len:
+        sys.exit(f"--cache-tokens ({args.cache_tokens}) must hold at least one sequence of --max-len ({args.max_len})")
     if (warning := open_network_warning(args.host, args.api_key)) is not None:
         print(warning, file=sys.stderr)
     device = use_device(args)
@@ -87,7 +94,7 @@ def run(args) -> None:
     model = load_hf(path, dtype=inference_dtype(device), device=device)
     tokenizer = TextTokenizer.load(path, strict=False)  # any DeepSeek-architecture folder
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_len=args.max_len,
-                    compile=wants_compile(args, device))
+                    compile=wants_compile(args, device), cache_tokens=args.cache_tokens, prefix_cache=args.prefix_cache)
     engine.warm_up()
     name = args.name or Path(args.model).resolve().name
     app = create_app(engine, tokenizer, name, api_key=args.api_key, max_queue=args.max_queue, worker_thread=False,

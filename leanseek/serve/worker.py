@@ -28,6 +28,7 @@ class Event:
     rejected: bool = False  # the engine refused the request before running it (bad input: HTTP 400)
     logprobs: list | None = None  # the engine's TokenLogprob for each of `tokens`, when the request asked
     prompt_logprobs: list | None = None  # on the first event, when the request asked: one per prompt token
+    cached_tokens: int = 0  # prompt tokens the engine took from its prefix cache
 
 
 @dataclass
@@ -119,4 +120,4 @@ class EngineWorker:
                 if o.finished:
                     del self._handles[o.request]
                 handle.put(Event(o.tokens, o.finished, o.error, logprobs=o.logprobs,
-                                 prompt_logprobs=o.prompt_logprobs))
+                                 prompt_logprobs=o.prompt_logprobs, cached_tokens=o.cached_tokens))
