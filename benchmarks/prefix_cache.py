@@ -84,7 +84,7 @@ def main() -> None:
           f"{model.cfg.hidden_size}); CPU: {cpu_model()}, {torch.get_num_threads()} threads; torch {torch.__version__}")
     cases = [("chat, turn 8 (8 x 60-token messages, 64-token replies)", lambda e: chat(e, 8, 60, 64, vocab)),
              ("1,000-token system prompt + 20-token question", lambda e: shared_system(e, 1000, 20, 8, vocab))]
-    print(f"| case | prompt tokens reused | time to first token, reuse off | reuse on | speed-up |")
+    print("| case | prompt tokens reused | time to first token, reuse off | reuse on | speed-up |")
     print("|---|---|---|---|---|")
     for name, run in cases:
         best, outs, reused = {}, {}, 0
