@@ -43,10 +43,29 @@ def add_compile_argument(parser: argparse.ArgumentParser) -> None:
 def add_prefix_cache_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
                         help="reuse the latent cache of a prompt's longest prefix computed before (a shared system "
-                             "prompt, a chat's history), prefilling only the rest; replies are the same without it (default: on)")
+                             "prompt, a chat's history), prefilling only the rest; replies are the same without it "
+                             "(default: on)")
+
+
+def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize", choices=["int8", "int4"],
+                        help="CPU only: int8 weights and per-token int8 activations (a quarter of float32's memory, "
+                             "faster matmuls), or int4 weights in groups of 32 (an eighth, slower on AVX2); "
+                             "quantised models decode eagerly (leanseek.infer.quantize)")
+
+
+def quantize_mode(args: argparse.Namespace, device: torch.device) -> str | None:
+    """What load_hf(quantize=...) gets from --quantize; on a device other than the CPU the command ends with why."""
+    if args.quantize and device.type != "cpu":
+        raise SystemExit(f"--quantize runs on PyTorch's CPU kernels: add --device cpu (not {device})")
+    return args.quantize
 
 
 def wants_compile(args: argparse.Namespace, device: torch.device) -> bool:
+    if getattr(args, "quantize", None):
+        if args.compile:
+            raise SystemExit("--compile does not apply to --quantize: quantised models decode eagerly")
+        return False
     return args.compile if args.compile is not None else device.type == "cpu"
 
 

@@ -84,6 +84,9 @@ def test_eval_reports_every_metric(base, tmp_path):
     metrics = json.loads(out.read_text())["metrics"]
     assert set(metrics["all"]) == {"n", "pass@1", "format", "length", "pass@1 sampled", "pass@3", "maj@3"}
     assert metrics["all"]["n"] == 6 and sum(v["n"] for k, v in metrics.items() if k != "all") == 6
+    quantised = run([sys.executable, "-m", "leanseek", "eval", str(base / "base"), "--task", "sums", "--problems", "6",
+                     "--max-new-tokens", "5", "--json", str(out), "--threads", "1", "--quantize", "int8"])
+    assert "pass@1" in quantised.stdout and json.loads(out.read_text())["metrics"]["all"]["n"] == 6
 
 
 def test_distill_keeps_only_verified_traces_and_trains_a_smaller_student(base, tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from ..atomic import write_text_atomic
 from ..console import table
 from ..data.chat import LEANSEEK_CHAT, encode_chat
 from ..data.tokenizer import ASSISTANT, END_OF_TURN, TOOL, TOOL_CALL, TextTokenizer
-from ..device import add_device_arguments, inference_dtype, use_device
+from ..device import add_device_arguments, add_quantize_argument, inference_dtype, quantize_mode, use_device
 from ..infer.engine import Engine
 from ..model.hf import load_hf
 from ..serve.text import TextStream
@@ -226,6 +226,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="also write the metrics here")
     p.add_argument("--show", type=int, default=3, help="print this many greedy completions")
     add_device_arguments(p)
+    add_quantize_argument(p)
 
 
 def run(args) -> dict:
@@ -233,7 +234,8 @@ def run(args) -> dict:
     device = use_device(args)
     task = get_task(args.task)
     path = checkpoint_of(Path(args.model))
-    model, tokenizer = load_hf(path, dtype=inference_dtype(device), device=device), TextTokenizer.load(path)
+    model = load_hf(path, dtype=inference_dtype(device), device=device, quantize=quantize_mode(args, device))
+    tokenizer = TextTokenizer.load(path)
     problems = task.test_set(args.problems)
     engine = Engine(model, tokenizer, max_batch=args.batch,
                     max_len=rollout_context(256, args.max_new_tokens, task_tools(task) is not None))

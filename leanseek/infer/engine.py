@@ -45,6 +45,7 @@ from ..model.moe import Experts
 from ..model.transformer import Transformer
 from .cache import LatentCache, blocks_for
 from .constrain import Grammar, Matcher, mask_logits
+from .quantize import QuantExperts, is_quantized
 from .sampling import (SamplingParams, apply_penalties, batch_params, draw, probabilities, token_logprobs,
                        verify_drafts)
 
@@ -152,7 +153,7 @@ class Engine:
         self.cfg = model.cfg
         self.max_len = max_len or self.cfg.max_position_embeddings
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
-        weight = model.lm_head.weight
+        weight = model.embed_tokens.weight  # the head's may be quantised
         self.device, self.dtype = weight.device, weight.dtype
         if cache_tokens is not None and cache_tokens < self.max_len:
             raise ValueError(f"cache_tokens ({cache_tokens}) must hold at least one sequence of max_len "
@@ -166,8 +167,10 @@ class Engine:
         # compiled decode steps: padded to a power-of-two batch, attending over the filled positions rounded up to
         # a multiple of cache.BUCKET (a dimension left dynamic: one graph per batch size whatever the lengths)
         self._compiled = None
-        experts = [m for m in model.modules() if isinstance(m, Experts)]
+        experts = [m for m in model.modules() if isinstance(m, (Experts, QuantExperts))]
         self._experts = experts[0] if experts else None
+        if compile and is_quantized(model):
+            raise ValueError("compile: quantised models decode eagerly (their experts' shapes follow the routing)")
         if compile:  # one graph per power-of-two batch, for 1 and 2 tokens a step
             compile_cache()
             graphs = 2 * max_batch.bit_length()

@@ -201,23 +201,30 @@ def _read(handles: dict, name: str, block: tuple[int, int]) -> torch.Tensor:
 
 
 def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-            device: torch.device | str = "cpu") -> Transformer:
+            device: torch.device | str = "cpu", quantize: str | None = None) -> Transformer:
     """Load a Hugging Face DeepseekV3ForCausalLM / DeepseekV2ForCausalLM folder (config.json + safetensors), or a
     sharded (FSDP) run's checkpoint, whole, in this process.
 
     Tensors are read one at a time from memory-mapped files into a model built without allocating weights.
     FP8 block-quantised weights (DeepSeek's release format) are dequantised. Raises CheckpointError naming
     missing, unexpected or wrongly shaped tensors, or a damaged file (verified against checksums.json when the
-    folder has one, which catches damage that leaves a file readable, such as zeroed bytes)."""
+    folder has one, which catches damage that leaves a file readable, such as zeroed bytes).
+
+    quantize: "int8" or "int4" (leanseek.infer.quantize, CPU only): each module is quantised as soon as its
+    tensors are read, so the whole model is never held in float."""
+    from ..infer.quantize import check_mode, quantize_loaded, quantize_model
     from ..train.integrity import verify  # here: leanseek.train imports this module
 
+    if quantize is not None:
+        check_mode(quantize, device)
     path = Path(path)
     verify(path)
     cfg = read_config(path)
     if (path / "model-shards").is_dir():  # a sharded training run's checkpoint (leanseek.train.sharded)
         from ..train.sharded import read_sharded_model
 
-        return read_sharded_model(path, cfg, dtype, device)
+        model = read_sharded_model(path, cfg, dtype, device)
+        return model if quantize is None else quantize_model(model, quantize)
     handles = _open_shards(path)
     mtp_probe = f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight"
     if cfg.num_nextn_predict_layers and mtp_probe not in handles:
@@ -257,10 +264,15 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
             continue
         parts = [_read(handles, n, block) for n in names]
         t = join(parts) if len(parts) > 1 else parts[0]
-        loaded[key] = t.to(device=device, dtype=torch.float32 if key.endswith("e_score_correction_bias") else dtype)
+        t = t.to(device=device, dtype=torch.float32 if key.endswith("e_score_correction_bias") else dtype)
+        if quantize is None:
+            loaded[key] = t
+        else:  # into the model now, and its module quantised once complete (a tied head stays float)
+            model.load_state_dict({key: t}, strict=False, assign=True)
+            quantize_loaded(model, key, quantize)
     if cfg.tie_word_embeddings:
-        loaded["lm_head.weight"] = loaded["embed_tokens.weight"]
-    model.load_state_dict(loaded, strict=True, assign=True)
+        loaded["lm_head.weight"] = model.embed_tokens.weight if quantize else loaded["embed_tokens.weight"]
+    model.load_state_dict(loaded, strict=quantize is None, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary.reset(device)

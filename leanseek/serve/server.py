@@ -16,8 +16,8 @@ import uvicorn
 
 from ..data.chat import chat_format
 from ..data.tokenizer import TextTokenizer
-from ..device import (add_compile_argument, add_device_arguments, add_prefix_cache_argument, inference_dtype, use_device,
-                      wants_compile)
+from ..device import (add_compile_argument, add_device_arguments, add_prefix_cache_argument, add_quantize_argument,
+                      inference_dtype, quantize_mode, use_device, wants_compile)
 from ..infer.engine import Engine
 from ..model.hf import load_hf
 from ..train.checkpoint import checkpoint_of
@@ -54,6 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_device_arguments(p)
     add_compile_argument(p)
     add_prefix_cache_argument(p)
+    add_quantize_argument(p)
 
 
 def open_network_warning(host: str, api_key: str | None) -> str | None:
@@ -91,7 +92,7 @@ def run(args) -> None:
         print(warning, file=sys.stderr)
     device = use_device(args)
     path = checkpoint_of(Path(args.model))
-    model = load_hf(path, dtype=inference_dtype(device), device=device)
+    model = load_hf(path, dtype=inference_dtype(device), device=device, quantize=quantize_mode(args, device))
     tokenizer = TextTokenizer.load(path, strict=False)  # any DeepSeek-architecture folder
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_len=args.max_len,
                     compile=wants_compile(args, device), cache_tokens=args.cache_tokens, prefix_cache=args.prefix_cache)

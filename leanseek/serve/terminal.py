@@ -15,8 +15,8 @@ from pathlib import Path
 
 from ..data.chat import LEANSEEK_CHAT, encode_chat
 from ..data.tokenizer import END_OF_TURN, END_THINK, THINK, TextTokenizer
-from ..device import (add_compile_argument, add_device_arguments, add_prefix_cache_argument, inference_dtype, use_device,
-                      wants_compile)
+from ..device import (add_compile_argument, add_device_arguments, add_prefix_cache_argument, add_quantize_argument,
+                      inference_dtype, quantize_mode, use_device, wants_compile)
 from ..infer.engine import Engine
 from ..model.hf import load_hf
 from ..tools import MAX_TOOL_ROUNDS, assistant_message, tool_definitions, tool_results
@@ -173,12 +173,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_device_arguments(p)
     add_compile_argument(p)
     add_prefix_cache_argument(p)
+    add_quantize_argument(p)
 
 
 def run(args) -> None:
     device = use_device(args)
     path = checkpoint_of(Path(args.model))
-    model, tokenizer = load_hf(path, dtype=inference_dtype(device), device=device), TextTokenizer.load(path)
+    model = load_hf(path, dtype=inference_dtype(device), device=device, quantize=quantize_mode(args, device))
+    tokenizer = TextTokenizer.load(path)
     engine = Engine(model, tokenizer, max_batch=1, max_len=args.max_len, compile=wants_compile(args, device),
                     prefix_cache=args.prefix_cache)
     engine.warm_up()
