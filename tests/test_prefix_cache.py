@@ -97,6 +97,12 @@ def test_the_pool_holds_what_sequences_use(model):
                 break
         assert [outs[i] for i in ids] == [reference_greedy(model, p, new) for p in prompts]
 
+    whole = Engine(model, max_batch=3, max_len=40)  # by default every slot can fill a context of partial blocks
+    for _ in range(3):
+        whole.submit([1, 2, 3], max_new_tokens=36)
+    whole.step()
+    assert len(whole._running) == 3
+
     small = Engine(model, max_batch=1, max_len=64, cache_tokens=64)
     assert small.generate([SYSTEM], max_new_tokens=8) == [reference_greedy(model, SYSTEM, 8)]
     other = [(t + 1) % 97 for t in SYSTEM]

@@ -36,12 +36,12 @@ class CacheFull(RuntimeError):
 class LatentCache:
     def __init__(self, cfg: ModelConfig, slots: int, max_len: int, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32, layers: int | None = None, tokens: int | None = None):
-        """slots sequences at once, each up to max_len positions, in a pool of `tokens` positions (default
-        slots x max_len: every slot can fill its context). layers: how many attention layers to hold (default:
+        """slots sequences at once, each up to max_len positions, in a pool of `tokens` positions (default:
+        enough blocks for every slot to fill its context). layers: how many attention layers to hold (default:
         the model's; the MTP modules get a cache of their own). One slot more than asked is kept as scratch
         space for the padding rows of fixed-shape steps."""
         L = cfg.num_hidden_layers if layers is None else layers
-        pool = blocks_for(slots * max_len if tokens is None else tokens)
+        pool = slots * blocks_for(max_len) if tokens is None else blocks_for(tokens)
         if pool < blocks_for(max_len):
             raise ValueError(f"a cache of {tokens} tokens cannot hold one sequence of {max_len} (the context); "
                              f"give it at least {blocks_for(max_len) * BLOCK}")
