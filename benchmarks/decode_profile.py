@@ -9,16 +9,13 @@ to every operator call, so the shares, not the sums, are what to read).
 """
 
 import argparse
-import tempfile
 from collections import defaultdict
-from pathlib import Path
 
 import torch
-from grammar_mask import best_of, cpu_model
+from grammar_mask import best_of, cpu_model, model_or_preset
 from torch.profiler import ProfilerActivity, profile
 
 import leanseek
-from leanseek.train.checkpoint import checkpoint_of
 
 GROUPS = {
     "matmul (mm, bmm, addmm)": ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm"),
@@ -53,12 +50,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.model:
-            model = leanseek.load_hf(checkpoint_of(Path(args.model)))
-        else:
-            leanseek.save_hf(leanseek.Transformer(leanseek.ModelConfig.preset(args.preset)), tmp)
-            model = leanseek.load_hf(tmp)
+    model = model_or_preset(args.model, args.preset)
     prompt = torch.randint(3, model.cfg.vocab_size, (32,)).tolist()
     n = args.tokens
     print(f"# {cpu_model()}, {args.threads} threads, torch {torch.__version__}; {model.cfg.param_counts()}; "

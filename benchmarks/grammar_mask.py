@@ -64,6 +64,21 @@ def corpus(chars: int = 12_000_000) -> list[str]:
     return texts
 
 
+def model_or_preset(model: str | None, preset: str):
+    """The model of a run folder or checkpoint, else a random model of the preset (through a Hugging Face folder,
+    as a trained one would be loaded)."""
+    import tempfile
+
+    import leanseek
+    from leanseek.train.checkpoint import checkpoint_of
+
+    if model:
+        return leanseek.load_hf(checkpoint_of(Path(model)))
+    with tempfile.TemporaryDirectory() as tmp:
+        leanseek.save_hf(leanseek.Transformer(leanseek.ModelConfig.preset(preset)), tmp)
+        return leanseek.load_hf(tmp)
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

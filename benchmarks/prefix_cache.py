@@ -12,15 +12,12 @@ reuse on and off. Best of --repeats, each on a fresh engine.
 
 import argparse
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
-from grammar_mask import cpu_model
+from grammar_mask import cpu_model, model_or_preset
 
 import leanseek
-from leanseek.train.checkpoint import checkpoint_of
 
 
 def first_token(engine: leanseek.Engine, prompt: list[int], new: int) -> tuple[float, list[int]]:
@@ -72,13 +69,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.model:
-            path = checkpoint_of(Path(args.model))
-        else:
-            leanseek.save_hf(leanseek.Transformer(leanseek.ModelConfig.preset(args.preset)), tmp)
-            path = Path(tmp)
-        model = leanseek.load_hf(path)
+    model = model_or_preset(args.model, args.preset)
     vocab = model.cfg.vocab_size
     print(f"model: {args.model or 'random ' + args.preset} ({model.cfg.num_hidden_layers} layers, hidden "
           f"{model.cfg.hidden_size}); CPU: {cpu_model()}, {torch.get_num_threads()} threads; torch {torch.__version__}")

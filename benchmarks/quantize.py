@@ -12,31 +12,26 @@ pretraining reports), the sums and decode speed of its final model (--model).
 import argparse
 import copy
 import math
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from grammar_mask import cpu_model
+from grammar_mask import best_of, cpu_model
 
 import leanseek
 from leanseek.data.shards import load_split
 from leanseek.data.tokenizer import TextTokenizer
 from leanseek.eval.tasks import complete, get_task
-from leanseek.infer.quantize import GROUP, quantize_matrix, quantize_model
+from leanseek.infer.quantize import GROUP, quantize_matrix, quantize_model, quantize_rows
 from leanseek.train.checkpoint import checkpoint_of
 from leanseek.train.loader import eval_windows
 from leanseek.train.loop import token_bytes
 
 
 def timed(fn, repeats: int = 5) -> float:
+    """Best of `repeats` after one untimed call."""
     fn()
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return best_of(fn, repeats)
 
 
 def kernels() -> None:
@@ -46,7 +41,7 @@ def kernels() -> None:
     x = torch.randn(1, K)
     int8 = [quantize_matrix(w, "int8") for w in weights]
     int4 = [quantize_matrix(w, "int4") for w in weights]
-    xq, xs = (x / (x.abs().max() / 127)).round().to(torch.int8), x.abs().max() / 127
+    xq, xs = quantize_rows(x)
     rows = [("float32 (x @ w.T)", lambda: [x @ w.T for w in weights]),
             ("int8 weights + int8 activations (torch._int_mm), --quantize int8",
              lambda: [torch._int_mm(xq, q.t()) * xs * s for q, s in int8]),

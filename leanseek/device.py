@@ -62,7 +62,7 @@ def quantize_mode(args: argparse.Namespace, device: torch.device) -> str | None:
 
 
 def wants_compile(args: argparse.Namespace, device: torch.device) -> bool:
-    if getattr(args, "quantize", None):
+    if args.quantize:
         if args.compile:
             raise SystemExit("--compile does not apply to --quantize: quantised models decode eagerly")
         return False

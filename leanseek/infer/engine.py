@@ -322,12 +322,9 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ requests
 
-    def _worst_case(self, prompt: int, new: int) -> int:
-        """The most cache blocks a request can hold: its prompt, its output and a speculative step's draft."""
-        return blocks_for(min(prompt + new + 1, self.max_len))
-
     def _blocks(self, r: _Request) -> int:
-        return self._worst_case(len(r.prompt), r.params.max_new_tokens)
+        """The most cache blocks a request can hold: its prompt, its output and a speculative step's draft."""
+        return blocks_for(min(len(r.prompt) + r.params.max_new_tokens + 1, self.max_len))
 
     def _admit(self, r: _Request) -> bool:
         """Give the request a slot, and its prompt's cached prefix, if its worst case fits in the blocks the

@@ -89,7 +89,7 @@ class QuantExperts(nn.Module):
 
     def __init__(self, experts: Experts, mode: str):
         super().__init__()
-        self.mode, self.top_k = mode, experts.top_k
+        self.mode = mode
         self.n_experts, _, self.inter = experts.down_proj.shape
         for name in ("gate_up_proj", "down_proj"):
             parts = [quantize_matrix(w, mode) for w in getattr(experts, name)]

@@ -270,8 +270,8 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         else:  # into the model now, and its module quantised once complete (a tied head stays float)
             model.load_state_dict({key: t}, strict=False, assign=True)
             quantize_loaded(model, key, quantize)
-    if cfg.tie_word_embeddings:
-        loaded["lm_head.weight"] = model.embed_tokens.weight if quantize else loaded["embed_tokens.weight"]
+    if cfg.tie_word_embeddings and quantize is None:
+        loaded["lm_head.weight"] = loaded["embed_tokens.weight"]
     model.load_state_dict(loaded, strict=quantize is None, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
