@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.moe import Experts, Routing, _expert_rows
+from ..model.moe import Experts, Routing, _expert_rows, sort_by_expert
 
 MODES = ("int8", "int4")
 GROUP = 32  # int4: input positions sharing a scale and offset
@@ -100,13 +100,12 @@ class QuantExperts(nn.Module):
         return "grouped"  # data-dependent shapes: the engine runs quantised models eagerly
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        K, Ie, mode = routing.indices.shape[1], self.inter, self.mode
-        flat = routing.indices.flatten()
-        order = flat.argsort(stable=True)
-        token, weights = order // K, routing.weights.flatten()[order].to(x.dtype)
+        Ie, mode = self.inter, self.mode
+        token, weights, counts = sort_by_expert(routing, self.n_experts)
+        weights = weights.to(x.dtype)
         rows = quantize_rows(x) if mode == "int8" else None
         out = torch.zeros_like(x)
-        for e, span in _expert_rows(flat.bincount(minlength=self.n_experts).tolist()):
+        for e, span in _expert_rows(counts):
             te = token[span]
             picked = None if rows is None else (rows[0].index_select(0, te), rows[1].index_select(0, te))
             h = matmul(x.index_select(0, te), self.gate_up_proj_q[e], self.gate_up_proj_params[e], mode, picked)

@@ -148,6 +148,15 @@ class _GroupedSwiGLU(torch.autograd.Function):
         return grad_x, grad_gu, grad_down, grad_w, None, None
 
 
+def sort_by_expert(routing: Routing, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The (token, choice) pairs grouped by expert: the token behind each pair, its gating weight, and each
+    expert's count of pairs (read on the host: a device sync)."""
+    K = routing.indices.shape[1]
+    flat = routing.indices.flatten()
+    order = flat.argsort(stable=True)
+    return order // K, routing.weights.flatten()[order], flat.bincount(minlength=n_experts).tolist()
+
+
 def _expert_rows(counts: list[int]):
     """(expert, slice of its rows in the expert-sorted order) for each expert that received tokens."""
     start = 0
@@ -207,12 +216,7 @@ class Experts(nn.Module):
             return run(x.to(dtype), routing).to(x.dtype)
 
     def _grouped(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        K = routing.indices.shape[1]
-        flat = routing.indices.flatten()
-        order = flat.argsort(stable=True)
-        counts = flat.bincount(minlength=self.gate_up_proj.shape[0]).tolist()  # the host sync
-        # the token behind each (token, slot) pair, grouped by expert, and its gating weight
-        token, weights = order // K, routing.weights.flatten()[order]
+        token, weights, counts = sort_by_expert(routing, self.gate_up_proj.shape[0])
         return _GroupedSwiGLU.apply(x, self.gate_up_proj.to(x.dtype), self.down_proj.to(x.dtype),
                                     weights.to(x.dtype), token, counts)
 
