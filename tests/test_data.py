@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 from leanseek.cli import main
 from leanseek.data import DataError, TextTokenizer, collect, load_split, shards, train_tokenizer, write_shards
-from leanseek.data.shards import ShardedTokens
+from leanseek.data.shards import ShardedTokens, validation_split
 from leanseek.data.tokenizer import SPECIAL_TOKENS, THINK
 from leanseek.train.loader import WindowSampler, eval_windows
 
@@ -118,6 +119,22 @@ def test_shards_round_trip(tokenizer, tmp_path):
     (tmp_path / "data" / info["files"][0]["file"]).write_bytes(b"\x00\x00")
     with pytest.raises(ValueError, match="checksum"):
         load_split(tmp_path / "data", "train", verify=True)
+
+
+def test_validation_split_holds_its_share_of_a_small_corpus():
+    rng = np.random.default_rng(0)
+    docs = ["".join(rng.choice(list("abcdefgh "), int(n))) for n in rng.integers(10, 8000, 500)]
+    chars = sum(map(len, docs))
+    hashed = [zlib.crc32(d.encode()) % 100_000 < 1_000 for d in docs]
+    held = lambda val: sum(len(d) for d, v in zip(docs, val) if v)  # noqa: E731
+    val = validation_split(docs, 0.01)
+    # a corpus where the hash alone would hold out nothing, or under half its share: topped up to 1% of the text
+    for few in (docs[:60], [d for d, h in zip(docs, hashed) if not h]):
+        split = validation_split(few, 0.01)
+        assert 0.01 <= held(split) / sum(map(len, few)) < 0.01 + max(map(len, few)) / sum(map(len, few))
+    # where the hash holds at least half its share, the split is the hash's alone: a document's own text decides
+    assert held(hashed) >= 0.005 * chars and val == hashed
+    assert validation_split(docs, 0.0) == [False] * len(docs) and validation_split(docs[::-1], 0.01) == val[::-1]
 
 
 def test_view_indexes_like_one_array():

@@ -134,7 +134,9 @@ def test_quantised_types_and_what_stays_float32(tmp_path, tok):
                                                         moe_intermediate_size=32)))
     write_gguf(model, tok, tmp_path / "f32.gguf", "f32")
     f32 = read(tmp_path / "f32.gguf")[0]
-    for outtype, tolerance in (("f16", 1e-3), ("q8_0", 2e-2)):
+    # q4_0: steps of a 32-value block's largest magnitude / 8, from -8 to +7 steps toward it: the far end is cut
+    # by one step, so at most 1/8 of it off
+    for outtype, tolerance in (("f16", 1e-3), ("q8_0", 2e-2), ("q4_0", 1 / 8 + 1e-3)):
         path = tmp_path / f"{outtype}.gguf"
         write_gguf(model, tok, path, outtype)
         t, f, reader = read(path)
@@ -142,15 +144,40 @@ def test_quantised_types_and_what_stays_float32(tmp_path, tok):
         for name, kind in kinds.items():
             if name.endswith(("_norm.weight", ".bias")) or ".ffn_gate_inp." in name:
                 assert kind == "F32", name
-            elif outtype == "q8_0":
-                # a Q8_0 block holds 32 values of a row: shorter rows (attn_k_b's 8 here) fall back to f16
-                assert kind == ("Q8_0" if f32[name].shape[-1] % 32 == 0 else "F16"), name
+            elif outtype != "f16":
+                # a block holds 32 values of a row: shorter rows (attn_k_b's 8 here) fall back to f16
+                assert kind == (outtype.upper() if f32[name].shape[-1] % 32 == 0 else "F16"), name
             else:
                 assert kind == "F16", name
             scale = f32[name].abs().max()
             assert (t[name] - f32[name]).abs().max() <= tolerance * scale, name
-        assert f["general.file_type"] == {"f16": 1, "q8_0": 7}[outtype]
-    assert kinds["blk.1.ffn_gate_exps.weight"] == "Q8_0" and kinds["blk.0.attn_k_b.weight"] == "F16"
+        assert f["general.file_type"] == {"f16": 1, "q8_0": 7, "q4_0": 2}[outtype]
+    assert kinds["blk.1.ffn_gate_exps.weight"] == "Q4_0" and kinds["blk.0.attn_k_b.weight"] == "F16"
+
+
+def test_export_reads_a_layer_at_a_time_and_writes_the_same_file(tmp_path, tok):
+    """`leanseek export --gguf` reads the checkpoint a decoder layer at a time (load_hf_streamed), so a model larger
+    than memory exports; the file is byte for byte the one written from the whole model in memory."""
+    from leanseek.cli import main
+    from leanseek.model.hf import load_hf_streamed
+
+    cfg = small_config(vocab_size=tok.vocab_size, num_hidden_layers=3, num_nextn_predict_layers=1)
+    folder = tmp_path / "run"
+    leanseek.save_hf(randomise(leanseek.Transformer(cfg)), folder, max_shard_size="100KB")
+    tok.save(folder)
+    whole = leanseek.load_hf(folder)
+    model, layers = load_hf_streamed(folder)
+    assert all(p.is_meta for p in model.mtp.parameters())  # not read: llama.cpp does not run MTP
+    assert torch.equal(model.embed_tokens.weight, whole.embed_tokens.weight)
+    for i, layer in enumerate(layers):  # one layer holds weights at a time; the others stay on the meta device
+        assert [not any(p.is_meta for p in x.parameters()) for x in model.layers] == [j == i for j in range(3)]
+        assert all(torch.equal(a, b) for a, b in zip(layer.state_dict().values(),
+                                                     whole.layers[i].state_dict().values()))
+    assert all(p.is_meta for p in model.layers.parameters())
+    for outtype in ("f32", "q8_0", "q4_0"):
+        main(["export", str(folder), "--gguf", str(tmp_path / "streamed.gguf"), "--outtype", outtype])
+        write_gguf(whole, tok, tmp_path / "whole.gguf", outtype, name="run")
+        assert (tmp_path / "streamed.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes(), outtype
 
 
 def test_metadata_tokenizer_and_refusals(tmp_path, tok):

@@ -122,5 +122,11 @@ def test_loading_quantised_equals_quantising_the_loaded_model(model, mode, tmp_p
     assert all(torch.equal(a, b) for a, b in zip(streamed.state_dict().values(), after.state_dict().values()))
     floats = sum(x.numel() for x in model.parameters())
     assert max(seen) < 0.5 * floats  # the float weights in memory at any time: never most of the model
+    # a bf16 folder (as releases are stored) is read as stored, each module brought to float32 as it is quantised
+    leanseek.save_hf(model, tmp_path / "bf16", dtype=torch.bfloat16)
+    streamed = leanseek.load_hf(tmp_path / "bf16", quantize=mode)
+    after = quantize_model(leanseek.load_hf(tmp_path / "bf16"), mode)
+    assert all(torch.equal(a, b) for a, b in zip(streamed.state_dict().values(), after.state_dict().values()))
+    assert {p.dtype for p in streamed.parameters()} == {torch.float32}
     with pytest.raises(ValueError, match="CPU ones"):
         leanseek.load_hf(tmp_path, quantize=mode, device="meta")

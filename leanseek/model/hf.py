@@ -200,31 +200,9 @@ def _read(handles: dict, name: str, block: tuple[int, int]) -> torch.Tensor:
     return t
 
 
-def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-            device: torch.device | str = "cpu", quantize: str | None = None) -> Transformer:
-    """Load a Hugging Face DeepseekV3ForCausalLM / DeepseekV2ForCausalLM folder (config.json + safetensors), or a
-    sharded (FSDP) run's checkpoint, whole, in this process.
-
-    Tensors are read one at a time from memory-mapped files into a model built without allocating weights.
-    FP8 block-quantised weights (DeepSeek's release format) are dequantised. Raises CheckpointError naming
-    missing, unexpected or wrongly shaped tensors, or a damaged file (verified against checksums.json when the
-    folder has one, which catches damage that leaves a file readable, such as zeroed bytes).
-
-    quantize: "int8" or "int4" (leanseek.infer.quantize, CPU only): each module is quantised as soon as its
-    tensors are read, so the whole model is never held in float."""
-    from ..infer.quantize import check_mode, quantize_loaded, quantize_model
-    from ..train.integrity import verify  # here: leanseek.train imports this module
-
-    if quantize is not None:
-        check_mode(quantize, device)
-    path = Path(path)
-    verify(path)
-    cfg = read_config(path)
-    if (path / "model-shards").is_dir():  # a sharded training run's checkpoint (leanseek.train.sharded)
-        from ..train.sharded import read_sharded_model
-
-        model = read_sharded_model(path, cfg, dtype, device)
-        return model if quantize is None else quantize_model(model, quantize)
+def _checked_plan(path: Path, cfg: ModelConfig) -> tuple[Transformer, dict, list, tuple[int, int]]:
+    """The model built on the meta device, the open shards, the tensor plan and the FP8 block size, after checking
+    that the folder holds exactly the tensors its config.json describes."""
     handles = _open_shards(path)
     mtp_probe = f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight"
     if cfg.num_nextn_predict_layers and mtp_probe not in handles:
@@ -258,13 +236,79 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                               + listing("wrong shape", wrong))
     quant = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
     block = tuple(quant.get("weight_block_size", (128, 128)))
-    loaded = {}
+    return model, handles, plan, block
+
+
+def _read_plan(handles: dict, plan: list, block: tuple[int, int], dtype: torch.dtype | None,
+               device: torch.device | str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(leanseek key, tensor) for each entry of `plan`, read and joined (experts stacked), in `dtype` (None: as
+    stored; the routing bias in float32)."""
     for key, names, _, join in plan:
         if join is None:
             continue
         parts = [_read(handles, n, block) for n in names]
         t = join(parts) if len(parts) > 1 else parts[0]
-        t = t.to(device=device, dtype=torch.float32 if key.endswith("e_score_correction_bias") else dtype)
+        del parts  # a layer's experts are the largest tensors read: hold one copy of them at a time
+        yield key, t.to(device=device, dtype=torch.float32 if key.endswith("e_score_correction_bias") else dtype)
+
+
+def load_hf_streamed(path: str | os.PathLike,
+                     dtype: torch.dtype = torch.float32) -> tuple[Transformer, Iterator[torch.nn.Module]]:
+    """A Hugging Face folder larger than memory, a decoder layer at a time: the model built on the meta device
+    with its embedding, final norm and head loaded (MTP modules not), and an iterator that loads each decoder layer
+    in turn, yields it and drops its weights when the next one is asked for. Checked as `load_hf` checks."""
+    path = Path(path)
+    if (path / "model-shards").is_dir():  # a sharded training run: read whole (its shards hold every layer)
+        model = load_hf(path, dtype)
+        return model, iter(model.layers)
+    model, handles, plan, block = _checked_plan(path, read_config(path))
+    top = [entry for entry in plan if not entry[0].startswith(("layers.", "mtp."))]
+    model.load_state_dict(dict(_read_plan(handles, top, block, dtype, "cpu")), strict=False, assign=True)
+    if model.cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rotary.reset("cpu")
+
+    def layers() -> Iterator[torch.nn.Module]:
+        for i, layer in enumerate(model.layers):
+            mine = [entry for entry in plan if entry[0].startswith(f"layers.{i}.")]
+            state = {key.removeprefix(f"layers.{i}."): t for key, t in _read_plan(handles, mine, block, dtype, "cpu")}
+            layer.load_state_dict(state, assign=True)
+            yield layer
+            model.layers[i] = layer.to("meta")
+
+    return model.eval(), layers()
+
+
+def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+            device: torch.device | str = "cpu", quantize: str | None = None) -> Transformer:
+    """Load a Hugging Face DeepseekV3ForCausalLM / DeepseekV2ForCausalLM folder (config.json + safetensors), or a
+    sharded (FSDP) run's checkpoint, whole, in this process.
+
+    Tensors are read one at a time from memory-mapped files into a model built without allocating weights.
+    FP8 block-quantised weights (DeepSeek's release format) are dequantised. Raises CheckpointError naming
+    missing, unexpected or wrongly shaped tensors, or a damaged file (verified against checksums.json when the
+    folder has one, which catches damage that leaves a file readable, such as zeroed bytes).
+
+    quantize: "int8" or "int4" (leanseek.infer.quantize, CPU only): each module is quantised as soon as its
+    tensors are read, so the whole model is never held in float."""
+    from ..infer.quantize import check_mode, quantize_loaded, quantize_model
+    from ..train.integrity import verify  # here: leanseek.train imports this module
+
+    if quantize is not None:
+        check_mode(quantize, device)
+    path = Path(path)
+    verify(path)
+    cfg = read_config(path)
+    if (path / "model-shards").is_dir():  # a sharded training run's checkpoint (leanseek.train.sharded)
+        from ..train.sharded import read_sharded_model
+
+        model = read_sharded_model(path, cfg, dtype, device)
+        return model if quantize is None else quantize_model(model, quantize)
+    model, handles, plan, block = _checked_plan(path, cfg)
+    loaded = {}
+    # quantising: read as stored (quantisation takes an expert or a linear at a time to float32), and bring what
+    # stays float to `dtype` at the end
+    for key, t in _read_plan(handles, plan, block, dtype if quantize is None else None, device):
         if quantize is None:
             loaded[key] = t
         else:  # into the model now, and its module quantised once complete (a tied head stays float)
@@ -273,6 +317,9 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     if cfg.tie_word_embeddings and quantize is None:
         loaded["lm_head.weight"] = loaded["embed_tokens.weight"]
     model.load_state_dict(loaded, strict=quantize is None, assign=True)
+    if quantize is not None:  # the embeddings, norms, kv_b_proj and routers (quantised weights are buffers)
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary.reset(device)

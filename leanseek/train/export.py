@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..data import TextTokenizer
-from ..model.hf import load_hf, save_hf
+from ..model.hf import load_hf, load_hf_streamed, save_hf
 from .checkpoint import checkpoint_of, save_tokenizer
 from .integrity import seal
 
@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                       "package: pip install 'leanseek[gguf]')")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="--out: the weights' dtype (the routing bias stays float32); default: float32, as trained")
-    p.add_argument("--outtype", default="f32", choices=["f32", "f16", "q8_0"],
+    p.add_argument("--outtype", default="f32", choices=["f32", "f16", "q8_0", "q4_0"],
                    help="--gguf: the matrices' type (norms and the router stay f32); default: f32")
 
 
@@ -68,7 +68,8 @@ def export_gguf(source: Path, out: Path, outtype: str) -> Path:
         raise ValueError(f"{source} has no tokenizer.json: a GGUF file carries its tokenizer")
     run = source.parent.parent if source.parent.name == "checkpoints" else source
     # not strict: a foreign tokenizer is refused by write_gguf, with what to use instead
-    written = write_gguf(load_hf(source), TextTokenizer.load(source, strict=False), out, outtype, name=run.name)
+    model, layers = load_hf_streamed(source)  # a layer at a time: checkpoints larger than memory export too
+    written = write_gguf(model, TextTokenizer.load(source, strict=False), out, outtype, name=run.name, layers=layers)
     types = ", ".join(f"{n} {kind}" for kind, n in sorted(written["types"].items()))
     print(f"exported {source} to {out} ({outtype}; {written['tensors']} tensors: {types}; "
           f"{written['bytes'] / 2**20:.1f} MiB): a GGUF file for llama.cpp")

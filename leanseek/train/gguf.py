@@ -12,15 +12,20 @@ writes it for DeepSeek-V2/V3 checkpoints:
   then GPT-2's split, which is exactly leanseek's (data/tokenizer.py); its control tokens typed CONTROL, so text
   that spells them stays text, as in leanseek's own encode.
 
-Quantisation (q8_0, f16) applies to the matrices; norms, biases and the router stay float32, and a matrix whose
-rows are not a multiple of Q8_0's 32-value block falls back to f16, as llama.cpp's converter does.
+Quantisation (q8_0, q4_0, f16) applies to the matrices; norms, biases and the router stay float32, and a matrix
+whose rows are not a multiple of the format's 32-value block falls back to f16, as llama.cpp's converter does. A
+checkpoint is read a decoder layer at a time (load_hf_streamed), so models larger than memory export.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
 
 import torch
 from tokenizers import Tokenizer, models
@@ -30,7 +35,7 @@ from ..data.chat import CHAT_TEMPLATE
 from ..data.tokenizer import _pre_tokenizer
 from ..model.transformer import Transformer
 
-OUTTYPES = ("f32", "f16", "q8_0")
+OUTTYPES = ("f32", "f16", "q8_0", "q4_0")
 PRE_TOKENIZER = "smollm"  # llama.cpp's [\p{N}, GPT-2] split, without its clean-up of spaces on decode
 # a decoder layer's tensors (leanseek's state-dict keys, the Hugging Face names less "model.layers.N.") -> GGUF's
 LAYER_TENSORS = {
@@ -63,29 +68,31 @@ def check_supported(model: Transformer) -> None:
                          ": llama.cpp's deepseek2 has no such routing (it scores groups as DeepSeek-V3 does)")
 
 
-def tensors(model: Transformer) -> dict[str, torch.Tensor]:
-    """The GGUF tensors of the main model, named as llama.cpp's deepseek2 loader reads them, in PyTorch's
-    (row-major) shapes; the file stores each shape reversed (ggml's order)."""
-    cfg = model.cfg
+def top_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """The GGUF tensors outside the decoder layers (see layer_tensors)."""
+    return {"token_embd.weight": model.embed_tokens.weight, "output_norm.weight": model.norm.weight,
+            "output.weight": model.lm_head.weight}
+
+
+def layer_tensors(cfg, i: int, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Decoder layer i's GGUF tensors, named as llama.cpp's deepseek2 loader reads them, in PyTorch's (row-major)
+    shapes (the file stores each shape reversed: ggml's order); views of the layer's own weights."""
     H, nope, v, Ie = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.moe_intermediate_size
-    out = {"token_embd.weight": model.embed_tokens.weight, "output_norm.weight": model.norm.weight,
-           "output.weight": model.lm_head.weight}
-    for i, layer in enumerate(model.layers):
-        blk = f"blk.{i}."
-        for key, t in layer.state_dict().items():
-            if key == "self_attn.kv_b_proj.weight":
-                kv_b = t.view(H, nope + v, cfg.kv_lora_rank)
-                out[blk + "attn_k_b.weight"] = kv_b[:, :nope].transpose(1, 2)  # [H, kv_lora, nope]
-                out[blk + "attn_v_b.weight"] = kv_b[:, nope:]  # [H, v, kv_lora]
-            elif key == "mlp.experts.gate_up_proj":  # [E, 2 x Ie, hidden]: each expert's gate rows, then up rows
-                out[blk + "ffn_gate_exps.weight"], out[blk + "ffn_up_exps.weight"] = t[:, :Ie], t[:, Ie:]
-            elif key == "mlp.experts.down_proj":
-                out[blk + "ffn_down_exps.weight"] = t
-            elif key in LAYER_TENSORS:
-                out[blk + LAYER_TENSORS[key] + (".bias" if key.endswith("_bias") else ".weight")] = t
-            else:
-                raise ValueError(f"no GGUF name for layer {i}'s tensor {key!r}")
-    return {name: t.detach().float().contiguous() for name, t in out.items()}
+    out, blk = {}, f"blk.{i}."
+    for key, t in layer.state_dict().items():
+        if key == "self_attn.kv_b_proj.weight":
+            kv_b = t.view(H, nope + v, cfg.kv_lora_rank)
+            out[blk + "attn_k_b.weight"] = kv_b[:, :nope].transpose(1, 2)  # [H, kv_lora, nope]
+            out[blk + "attn_v_b.weight"] = kv_b[:, nope:]  # [H, v, kv_lora]
+        elif key == "mlp.experts.gate_up_proj":  # [E, 2 x Ie, hidden]: each expert's gate rows, then up rows
+            out[blk + "ffn_gate_exps.weight"], out[blk + "ffn_up_exps.weight"] = t[:, :Ie], t[:, Ie:]
+        elif key == "mlp.experts.down_proj":
+            out[blk + "ffn_down_exps.weight"] = t
+        elif key in LAYER_TENSORS:
+            out[blk + LAYER_TENSORS[key] + (".bias" if key.endswith("_bias") else ".weight")] = t
+        else:
+            raise ValueError(f"no GGUF name for layer {i}'s tensor {key!r}")
+    return out
 
 
 def _keeps_float32(name: str, t: torch.Tensor) -> bool:
@@ -173,16 +180,37 @@ def write_tokenizer(writer, tokenizer: TextTokenizer, vocab_size: int) -> None:
     writer.add_chat_template(CHAT_TEMPLATE)
 
 
+def _kind(gguf, name: str, t: torch.Tensor, outtype: str):
+    """The GGML type a tensor is written in: norms, biases and the router float32; the rest outtype, where a row
+    is a whole number of the format's blocks (else f16, as llama.cpp's converter does)."""
+    if outtype == "f32" or _keeps_float32(name, t):
+        return gguf.GGMLQuantizationType.F32
+    kind = getattr(gguf.GGMLQuantizationType, outtype.upper())
+    if kind in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0):
+        if t.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:
+            return gguf.GGMLQuantizationType.F16
+    return kind
+
+
 def write_gguf(model: Transformer, tokenizer: TextTokenizer, out: Path, outtype: str = "f32",
-               name: str | None = None) -> dict:
+               name: str | None = None, layers: Iterator[torch.nn.Module] | None = None) -> dict:
     """Write `out` (atomically: a temporary file beside it, renamed into place). Returns {"tensors", "bytes",
-    "types": {GGML type: count}}."""
+    "types": {GGML type: count}}.
+
+    layers: the decoder layers with their weights, in order (default: the model's own). With load_hf_streamed's
+    iterator the model may be larger than memory: the file's tensor table is written from the shapes alone, then
+    each layer's tensors as the iterator loads it, one float32 layer held at a time."""
     gguf = _gguf()
     if outtype not in OUTTYPES:
         raise ValueError(f"--outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
     check_supported(model)
+    cfg = model.cfg
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[outtype]
+    shapes = dict(top_tensors(model))  # for the table: the decoder layers' shapes (meta tensors serve)
+    for i, layer in enumerate(model.layers):
+        shapes.update(layer_tensors(cfg, i, layer))
+    kinds = {n: _kind(gguf, n, t, outtype) for n, t in shapes.items()}
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     counts: dict[str, int] = {}
@@ -191,20 +219,32 @@ def write_gguf(model: Transformer, tokenizer: TextTokenizer, out: Path, outtype:
         if name:
             writer.add_name(name)
         write_metadata(writer, model, tokenizer, file_type)
-        for tensor_name, t in tensors(model).items():
-            data = t.numpy()
-            kind = gguf.GGMLQuantizationType.F32
-            if not _keeps_float32(tensor_name, t) and outtype != "f32":
-                kind = gguf.GGMLQuantizationType.F16
-                if outtype == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
-                    kind = gguf.GGMLQuantizationType.Q8_0
-            quantised = gguf.quants.quantize(data, kind) if kind != gguf.GGMLQuantizationType.F32 else data
-            writer.add_tensor(tensor_name, quantised, raw_dtype=kind if kind == gguf.GGMLQuantizationType.Q8_0
-                              else None)
+        for n, t in shapes.items():
+            kind, shape = kinds[n], tuple(t.shape)
+            if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                dtype = np.float32 if kind == gguf.GGMLQuantizationType.F32 else np.float16
+                writer.add_tensor_info(n, shape, np.dtype(dtype), t.numel() * np.dtype(dtype).itemsize)
+            else:
+                byte_shape = gguf.quant_shape_to_byte_shape(shape, kind)
+                writer.add_tensor_info(n, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=kind)
             counts[kind.name] = counts.get(kind.name, 0) + 1
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+
+        def write(tensors: dict[str, torch.Tensor]) -> None:
+            for n, t in tensors.items():
+                data = t.detach().float().contiguous().numpy()
+                kind = kinds[n]
+                if kind == gguf.GGMLQuantizationType.F16:
+                    data = data.astype(np.float16)
+                elif kind != gguf.GGMLQuantizationType.F32:
+                    data = gguf.quants.quantize(data, kind)
+                writer.write_tensor_data(data)
+
+        write(top_tensors(model))
+        for i, layer in enumerate(layers if layers is not None else model.layers):
+            write(layer_tensors(cfg, i, layer))
         writer.close()
         os.replace(tmp, out)
     finally:
