@@ -1,6 +1,11 @@
 """The device policy (leanseek.device): what --device picks, the errors for devices that are not there, TF32 and
 bf16 on GPUs, and a bf16 model generating through the engine (what serve, chat and eval run on a GPU)."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import randomise, small_config
@@ -89,3 +94,23 @@ def test_a_bf16_model_generates_through_the_engine(tmp_path):
                 logits = model(torch.tensor([prompt + out]))[0, len(prompt) - 1:-1].float()
             shortfall = logits.max(-1).values - logits[torch.arange(len(out)), out]
             assert shortfall.max() < 0.05 * logits.std(), (speculative, shortfall)
+
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(not THP.exists() or "[madvise]" not in THP.read_text(),
+                    reason="transparent huge pages are not in madvise mode here (always: on anyway; never: off)")
+def test_large_cpu_tensors_get_huge_pages_unless_turned_off():
+    """Importing leanseek asks PyTorch's CPU allocator for transparent huge pages (fewer TLB misses when decoding
+    reads every weight); THP_MEM_ALLOC_ENABLE=0 keeps the kernel's default."""
+    code = ("import leanseek, torch\nx = torch.ones(256 << 20, dtype=torch.uint8)\n"
+            "print(open('/proc/self/smaps_rollup').read().split('AnonHugePages:')[1].split()[0])")
+    huge = {}
+    for setting in (None, "0"):
+        env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+        if setting is not None:
+            env["THP_MEM_ALLOC_ENABLE"] = setting
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        huge[setting] = int(out.stdout.split()[-1])  # kB
+    assert huge[None] >= 128 << 10 and huge["0"] < 128 << 10, huge
