@@ -26,7 +26,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-
 import torch
 from tokenizers import Tokenizer, models
 
