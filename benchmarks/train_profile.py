@@ -89,9 +89,9 @@ def main() -> None:
           if cuda else f"\nprofiled step: operators' own CPU time {busy:.1f} ms")
     syncs = {e.key: e.count for e in events if e.key in SYNCS}
     print("host synchronisations and copies: " + (", ".join(f"{k} x{v}" for k, v in syncs.items()) or "none"))
-    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
     if cuda:
-        print(f"kernel launches: {launches}")
+        launches = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
+        print(f"kernel launches: {sum(e.count for e in events if e.key in launches)}")
     print(f"\n{'operator or kernel':<70} {'calls':>7} {'own ms':>9} {'share':>6}")
     rows = sorted((e for e in events if own(e) > 0), key=own, reverse=True)
     for e in rows[:args.top]:

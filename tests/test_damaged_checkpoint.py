@@ -72,7 +72,8 @@ def test_every_loader_names_the_damaged_file(straight, tmp_path, capsys):
     damage(newest / "model.safetensors", "zeroed")
     commands = [["check", str(newest)], ["serve", str(newest)], ["chat", str(newest)],
                 ["eval", str(newest), "--task", "addition"],
-                ["sft", "--init", str(newest), "--data", "builtin", "--out", str(tmp_path / "sft")]]
+                ["sft", "--init", str(newest), "--data", "builtin", "--out", str(tmp_path / "sft")],
+                ["export", str(newest), "--gguf", str(tmp_path / "m.gguf")]]
     for argv in commands:
         with pytest.raises(SystemExit) as exit_info:
             main(argv)

@@ -257,10 +257,13 @@ def load_hf_streamed(path: str | os.PathLike,
     """A Hugging Face folder larger than memory, a decoder layer at a time: the model built on the meta device
     with its embedding, final norm and head loaded (MTP modules not), and an iterator that loads each decoder layer
     in turn, yields it and drops its weights when the next one is asked for. Checked as `load_hf` checks."""
+    from ..train.integrity import verify  # here: leanseek.train imports this module
+
     path = Path(path)
     if (path / "model-shards").is_dir():  # a sharded training run: read whole (its shards hold every layer)
         model = load_hf(path, dtype)
         return model, iter(model.layers)
+    verify(path)
     model, handles, plan, block = _checked_plan(path, read_config(path))
     top = [entry for entry in plan if not entry[0].startswith(("layers.", "mtp."))]
     model.load_state_dict(dict(_read_plan(handles, top, block, dtype, "cpu")), strict=False, assign=True)

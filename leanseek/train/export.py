@@ -18,6 +18,7 @@ import torch
 from ..data import TextTokenizer
 from ..model.hf import load_hf, load_hf_streamed, save_hf
 from .checkpoint import checkpoint_of, save_tokenizer
+from .gguf import OUTTYPES, write_gguf
 from .integrity import seal
 
 
@@ -30,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                       "package: pip install 'leanseek[gguf]')")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="--out: the weights' dtype (the routing bias stays float32); default: float32, as trained")
-    p.add_argument("--outtype", default="f32", choices=["f32", "f16", "q8_0", "q4_0"],
+    p.add_argument("--outtype", default="f32", choices=OUTTYPES,
                    help="--gguf: the matrices' type (norms and the router stay f32); default: f32")
 
 
@@ -60,8 +61,6 @@ def run(args) -> Path:
 
 
 def export_gguf(source: Path, out: Path, outtype: str) -> Path:
-    from .gguf import write_gguf
-
     if out.is_dir():
         raise ValueError(f"--gguf {out}: is a folder; name the file to write")
     if not (source / "tokenizer.json").is_file():
