@@ -89,9 +89,11 @@ def main() -> None:
     short = [rng.randrange(300, tok.vocab_size) for _ in range(32)]
     long = [rng.randrange(300, tok.vocab_size) for _ in range(400)]
     n_ctx = 512
-    engines = {"eager": leanseek.Engine(model, tok, max_batch=16, max_len=n_ctx)}
+    # no prefix reuse: llama.cpp is reset before each run, so both compute every prompt in full
+    engines = {"eager": leanseek.Engine(model, tok, max_batch=16, max_len=n_ctx, prefix_cache=False)}
     if not args.no_compile:
-        engines["compiled"] = leanseek.Engine(model, tok, max_batch=16, max_len=n_ctx, compile=True)
+        engines["compiled"] = leanseek.Engine(model, tok, max_batch=16, max_len=n_ctx, compile=True,
+                                              prefix_cache=False)
 
     with tempfile.TemporaryDirectory() as tmp:
         peers = {}

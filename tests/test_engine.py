@@ -221,6 +221,11 @@ def test_compiled_decoding_equals_eager(model):
         assert compiled.generate(PROMPTS[:3], max_new_tokens=6, **kw) == eager.generate(PROMPTS[:3],
                                                                                          max_new_tokens=6, **kw)
     assert compiled.stats == eager.stats
+    # each engine compiles for its own model (its graphs do not check the model's modules): a wider model
+    # compiled in the same process decodes its own tokens
+    wide = randomise(leanseek.Transformer(small_config(vocab_size=97, hidden_size=48)), seed=12)
+    assert Engine(wide, max_batch=1, max_len=48, compile=True).generate(PROMPTS[:2], max_new_tokens=6) == [
+        reference_greedy(wide, p, 6) for p in PROMPTS[:2]]
 
     from torch._dynamo.utils import counters
 

@@ -68,7 +68,7 @@ def test_a_quantised_model_is_close_and_decodes_as_its_own_forward(model, mode):
     modes = {name: m.mode for name, m in quantised.named_modules() if isinstance(m, (QuantLinear, QuantExperts))}
     assert modes.pop("lm_head") == "int8" and set(modes.values()) == {mode}
     assert sum(name.endswith("experts") for name in modes) == 3  # two MoE layers and the MTP module's
-    floats = [name for name, m in quantised.named_modules() if type(m) is torch.nn.Linear]
+    floats = [name for name, m in quantised.named_modules() if isinstance(m, torch.nn.Linear)]
     assert floats and all(name.endswith("kv_b_proj") for name in floats)  # read as W^UK, W^UV by absorbed MLA
     ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

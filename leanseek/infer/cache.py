@@ -197,17 +197,25 @@ class CacheStep:
             S = -(-S // BUCKET) * BUCKET
         width = blocks_for(S)
         self.table = torch.tensor([t[:width] + [SCRATCH] * (width - len(t[:width])) for t in tables], device=device)
-        self.positions = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)  # [B, T]
-        hidden = torch.arange(width * BLOCK, device=device) > self.positions[..., None]  # [B, T, S]: not yet written
-        self.bias = torch.zeros(len(tables), 1, T, width * BLOCK, device=device).masked_fill_(hidden[:, None],
-                                                                                             float("-inf"))
+        self.positions = torch.tensor([[p + k for k in range(T)] for p in starts], device=device)  # [B, T]
+        self._bias: torch.Tensor | None = None
         if self.fixed:
             torch._dynamo.maybe_mark_dynamic(self.table, 1)
-            torch._dynamo.maybe_mark_dynamic(self.bias, 3)
         # where each new token's latent goes in a layer's pool viewed as [blocks x BLOCK, D]; padding to scratch
         self.index = torch.tensor([t[p // BLOCK] * BLOCK + p % BLOCK if k < n else SCRATCH * BLOCK + k % BLOCK
                                    for t, start, n in zip(tables, starts, counts)
                                    for k, p in enumerate(range(start, start + T))], device=device)
+
+    @property
+    def bias(self) -> torch.Tensor:
+        """[B, 1, T, S] additive attention mask over the positions read: -inf where a position is not yet written
+        for that query. Built inside the forward, so a compiled one computes it in its softmax instead of taking
+        it as an input."""
+        if self._bias is None or self.fixed:
+            S = self.table.shape[1] * BLOCK
+            hidden = torch.arange(S, device=self.table.device) > self.positions[..., None]  # [B, T, S]
+            self._bias = torch.zeros(hidden.shape, device=hidden.device).masked_fill_(hidden, float("-inf"))[:, None]
+        return self._bias
 
     def write(self, layer: int, latent: torch.Tensor) -> None:
         """latent [B, T, D] -> the cache at each sequence's new positions."""
@@ -233,9 +241,12 @@ class CacheStep:
         return attend
 
     def store(self, written: list[torch.Tensor]) -> None:
-        """Write the latents a fixed-shape forward collected (one [B, T, D] per layer) into the cache."""
-        for layer, latent in enumerate(written):
-            self.write(layer, latent)
+        """Write the latents a fixed-shape forward collected (one [B, T, D] per layer) into the cache, all layers in
+        one call."""
+        if written:
+            kv = self.cache.kv
+            kv.view(kv.shape[0], -1, kv.shape[-1]).index_copy_(
+                1, self.index, torch.stack(written).flatten(1, 2).to(kv.dtype))
 
     def advance(self) -> None:
         """Count the new positions as filled (after the forward pass that wrote them)."""

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .linear import Linear, matmul
 from .norm import RMSNorm
 from .rope import apply_rope, softmax_scale
 
@@ -30,17 +31,17 @@ class MLA(nn.Module):
         self.dc = cfg.kv_lora_rank
         qk = self.dn + self.dr
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(d, H * qk, bias=False)
+            self.q_proj = Linear(d, H * qk, bias=False)
         else:  # Eqs. 6-7: queries through their own low-rank bottleneck (saves activation memory in training)
-            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(d, cfg.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * qk, bias=False)
+            self.q_b_proj = Linear(cfg.q_lora_rank, H * qk, bias=False)
         # rows [0, dc) are W^DKV (Eq. 1), rows [dc, dc + dr) are W^KR (Eq. 3)
-        self.kv_a_proj_with_mqa = nn.Linear(d, self.dc + self.dr, bias=False)
+        self.kv_a_proj_with_mqa = Linear(d, self.dc + self.dr, bias=False)
         self.kv_a_layernorm = RMSNorm(self.dc, LATENT_NORM_EPS)
         # per head h: rows [h(dn+dv), h(dn+dv)+dn) are W^UK_h (Eq. 2), the next dv rows W^UV_h (Eq. 5)
-        self.kv_b_proj = nn.Linear(self.dc, H * (self.dn + self.dv), bias=False)
-        self.o_proj = nn.Linear(H * self.dv, d, bias=False)  # Eq. 11
+        self.kv_b_proj = Linear(self.dc, H * (self.dn + self.dv), bias=False)
+        self.o_proj = Linear(H * self.dv, d, bias=False)  # Eq. 11
         self.scale = softmax_scale(cfg)
 
     def queries(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -91,12 +92,12 @@ class MLA(nn.Module):
         S, H, dn, dc = kv.shape[1], self.n_heads, self.dn, self.dc
         w = self.kv_b_proj.weight.view(H, dn + self.dv, dc)
         q = self.queries(x, rope).view(B * T, H, dn + self.dr).transpose(0, 1)  # [H, BT, dn + dr]
-        q_latent = torch.bmm(q[..., :dn], w[:, :dn])  # [H, BT, dc]: W^UK absorbed into the query
+        q_latent = matmul(q[..., :dn], w[:, :dn])  # [H, BT, dc]: W^UK absorbed into the query
         q = torch.cat([q_latent, q[..., dn:]], dim=-1).view(H, B, T, -1).transpose(0, 1)  # [B, H, T, dc + dr]
-        scores = torch.bmm(q.reshape(B, H * T, -1), kv.transpose(1, 2)).view(B, H, T, S).mul_(self.scale)
+        scores = matmul(q.reshape(B, H * T, -1), kv.transpose(1, 2)).view(B, H, T, S).mul_(self.scale)
         if bias is None:
             bias = torch.full((T, S), float("-inf"), device=x.device).triu_(S - T + 1)
         probs = scores.float().add_(bias).softmax(dim=-1).to(x.dtype).view(B, H * T, S)
-        o_latent = torch.bmm(probs, kv[..., :dc]).view(B, H, T, dc).transpose(0, 1).reshape(H, B * T, dc)
-        o = torch.bmm(o_latent, w[:, dn:].transpose(1, 2))  # [H, BT, dv]: W^UV absorbed before W^O
+        o_latent = matmul(probs, kv[..., :dc]).view(B, H, T, dc).transpose(0, 1).reshape(H, B * T, dc)
+        o = matmul(o_latent, w[:, dn:].transpose(1, 2))  # [H, BT, dv]: W^UV absorbed before W^O
         return self.o_proj(o.transpose(0, 1).reshape(B, T, H * self.dv))

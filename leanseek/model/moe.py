@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .linear import linear
 from .mlp import SwiGLU
 
 
@@ -56,7 +57,7 @@ class Router(nn.Module):
 
     def _route(self, x: torch.Tensor) -> Routing:
         cfg = self.cfg
-        logits = F.linear(x, self.weight.float())
+        logits = linear(x, self.weight.float())
         N, E, G = logits.shape[0], cfg.n_routed_experts, cfg.n_group
         if cfg.scoring_func == "sigmoid":
             scores = logits.sigmoid()  # Eq. 15

@@ -9,6 +9,7 @@ from torch import nn
 
 from .block import Attend, Block
 from .config import ModelConfig
+from .linear import Linear
 from .moe import Routing
 from .norm import RMSNorm
 
@@ -20,7 +21,7 @@ class MTPModule(nn.Module):
         self.enorm = RMSNorm(d, cfg.rms_norm_eps)  # on the embedding of token i+k
         self.hnorm = RMSNorm(d, cfg.rms_norm_eps)  # on the previous depth's hidden state
         # M_k of Eq. 21. Checkpoints (vLLM, transformers' MtpLayer) concatenate [embedding; hidden], in that order.
-        self.eh_proj = nn.Linear(2 * d, d, bias=False)
+        self.eh_proj = Linear(2 * d, d, bias=False)
         self.block = Block(cfg, moe=True)  # TRM_k (Eq. 22); always MoE, as in DeepSeek-V3
         self.shared_head_norm = RMSNorm(d, cfg.rms_norm_eps)  # applied before the shared output head (Eq. 23)
 

@@ -1,0 +1,34 @@
+"""Decode-step matrix products (leanseek.model.linear): in a compiled graph on a CPU, a product of at most ROWS rows
+is traced as a broadcast multiply and a sum (inductor fuses and parallelises it); more rows, or eager code, keep
+the library matmul. Both give F.linear's / matmul's values."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from leanseek.model.linear import ROWS, Linear, matmul
+
+
+def traced(fn, *args):
+    """fn(*args) through torch.compile (no code generation): its value and the operators dynamo recorded."""
+    counter = CompileCounterWithBackend("eager")
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=counter, fullgraph=True)(*args)
+    return out, {str(n.target) for g in counter.graphs for n in g.graph.nodes if n.op == "call_function"}
+
+
+@pytest.mark.parametrize("rows", [1, ROWS, ROWS + 1, 64])
+def test_linear_and_matmul_forms(rows):
+    torch.manual_seed(0)
+    layer = Linear(24, 40, bias=True)
+    x = torch.randn(rows, 24)
+    with torch.no_grad():
+        out, ops = traced(layer, x)
+        assert torch.allclose(out, F.linear(x, layer.weight, layer.bias), atol=1e-5)
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))  # eager: the library's exactly
+        assert ("linear" in str(ops)) == (rows > ROWS)
+        a, b = torch.randn(3, rows, 16), torch.randn(3, 16, 20)
+        out, ops = traced(matmul, a, b)
+        assert torch.allclose(out, a @ b, atol=1e-5)
+        assert ("matmul" in str(ops)) == (rows > ROWS)
