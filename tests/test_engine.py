@@ -221,6 +221,16 @@ def test_compiled_decoding_equals_eager(model):
         assert compiled.generate(PROMPTS[:3], max_new_tokens=6, **kw) == eager.generate(PROMPTS[:3],
                                                                                          max_new_tokens=6, **kw)
     assert compiled.stats == eager.stats
+    # a lone greedy request takes GREEDY_STEPS tokens a call; a stop token inside such a call ends it there
+    from leanseek.infer.engine import GREEDY_STEPS, _greedy_steps_fn
+    calls = []
+    steps = compiled._compiled[_greedy_steps_fn]
+    compiled._compiled[_greedy_steps_fn] = lambda *a: calls.append(1) or steps(*a)
+    want = eager.generate(PROMPTS[:1], max_new_tokens=12)[0]
+    assert compiled.generate(PROMPTS[:1], max_new_tokens=12) == [want] and len(calls) == (12 - 1) // GREEDY_STEPS
+    stop = want[2]  # the second token of the first call (the first comes from the prefill)
+    assert compiled.generate(PROMPTS[:1], max_new_tokens=12, stop=[stop]) == eager.generate(
+        PROMPTS[:1], max_new_tokens=12, stop=[stop])
     # each engine compiles for its own model (its graphs do not check the model's modules): a wider model
     # compiled in the same process decodes its own tokens
     wide = randomise(leanseek.Transformer(small_config(vocab_size=97, hidden_size=48)), seed=12)

@@ -199,6 +199,7 @@ class CacheStep:
         self.table = torch.tensor([t[:width] + [SCRATCH] * (width - len(t[:width])) for t in tables], device=device)
         self.positions = torch.tensor([[p + k for k in range(T)] for p in starts], device=device)  # [B, T]
         self._bias: torch.Tensor | None = None
+        self.carried: dict[int, torch.Tensor] = {}  # per layer, the read latents plus those written (SubStep)
         if self.fixed:
             torch._dynamo.maybe_mark_dynamic(self.table, 1)
         # where each new token's latent goes in a layer's pool viewed as [blocks x BLOCK, D]; padding to scratch
@@ -212,9 +213,7 @@ class CacheStep:
         for that query. Built inside the forward, so a compiled one computes it in its softmax instead of taking
         it as an input."""
         if self._bias is None or self.fixed:
-            S = self.table.shape[1] * BLOCK
-            hidden = torch.arange(S, device=self.table.device) > self.positions[..., None]  # [B, T, S]
-            self._bias = torch.zeros(hidden.shape, device=hidden.device).masked_fill_(hidden, float("-inf"))[:, None]
+            self._bias = _mask(self.positions, self.table.shape[1] * BLOCK)
         return self._bias
 
     def write(self, layer: int, latent: torch.Tensor) -> None:
@@ -240,6 +239,11 @@ class CacheStep:
             return attn.forward_absorbed(h, rope, kv, self.bias)
         return attend
 
+    def substep(self, k: int) -> SubStep:
+        """Position k of the T, for a fixed-shape forward that computes the T tokens one after another (several
+        greedy tokens in one compiled call, each the argmax after the one before)."""
+        return SubStep(self, k)
+
     def store(self, written: list[torch.Tensor]) -> None:
         """Write the latents a fixed-shape forward collected (one [B, T, D] per layer) into the cache, all layers in
         one call."""
@@ -252,3 +256,35 @@ class CacheStep:
         """Count the new positions as filled (after the forward pass that wrote them)."""
         for s, n in zip(self.slots, self.counts):
             self.cache.lengths[s] += n
+
+
+class SubStep:
+    """One position of a fixed-shape CacheStep, as model.step sees it: it attends over the cache and the latents
+    the step's earlier positions wrote in the same forward (carried from one position to the next, per layer)."""
+
+    def __init__(self, step: CacheStep, k: int):
+        assert step.fixed, "sub-steps are for fixed-shape (compiled) forwards"
+        self.step, self.k = step, k
+        self.positions = step.positions[:, k:k + 1]
+
+    def attend(self, layer: int, rope: torch.Tensor):
+        step = self.step
+
+        def attend(attn, h: torch.Tensor) -> torch.Tensor:
+            latent = torch.cat(attn.latents(h, rope), dim=-1)  # [B, 1, D]
+            kv = step.carried[layer] if layer in step.carried else step.read(layer)
+            rows = torch.arange(latent.shape[0], device=latent.device)[:, None]
+            kv = step.carried[layer] = kv.index_put((rows, self.positions), latent.to(kv.dtype))
+            if self.k == 0:
+                step.written.append(latent)
+            else:  # the layer's latents of positions 0..k, [B, k + 1, D], as store() takes them
+                step.written[layer] = torch.cat([step.written[layer], latent], dim=1)
+            return attn.forward_absorbed(h, rope, kv, _mask(self.positions, kv.shape[1]))
+        return attend
+
+
+def _mask(positions: torch.Tensor, S: int) -> torch.Tensor:
+    """[B, 1, T, S] additive attention mask for queries at positions [B, T] over S cached positions: -inf where a
+    position is after the query's own (not yet written for it)."""
+    hidden = torch.arange(S, device=positions.device) > positions[..., None]
+    return torch.zeros(hidden.shape, device=hidden.device).masked_fill_(hidden, float("-inf"))[:, None]

@@ -103,6 +103,8 @@ class _Request:
     matcher: Matcher | None = None  # where the request is in its constraint's grammar
 
 
+GREEDY_STEPS = 4  # greedy tokens per compiled call for a lone request (Engine._steps)
+
 # The forward passes of a decode step. Engine(compile=True) compiles them for fixed batch sizes; each returns, last,
 # the latents its CacheSteps collected (empty when they wrote directly), for Engine._call to store.
 
@@ -126,6 +128,16 @@ def _greedy_speculative_fn(model: Transformer, ids: torch.Tensor, at, draft_at):
     top = model.lm_head(h).argmax(-1)
     drafts = model.lm_head(model.mtp_step(h, top, draft_at)[1]).argmax(-1)
     return top, drafts, at.written, draft_at.written
+
+
+def _greedy_steps_fn(model: Transformer, ids: torch.Tensor, at):
+    """at.T greedy tokens [B, T] after the last ones ids [B, 1], each the argmax after the one before: several
+    decode steps in one compiled call, so the engine's Python and torch.compile's wrappers run once for them."""
+    tokens = []
+    for k in range(at.T):
+        ids = model.lm_head(model.step(ids, at.substep(k))).argmax(-1)
+        tokens.append(ids)
+    return torch.cat(tokens, dim=1), at.written
 
 
 def compile_cache() -> Path:
@@ -191,7 +203,7 @@ class Engine:
             n = next(self._instances)
             options = {"cpp_wrapper": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
             self._compiled = {fn: torch.compile(_own_copy(fn, n), dynamic=False, fullgraph=True, options=options)
-                              for fn in (_decode_fn, _draft_fn, _greedy_speculative_fn)}
+                              for fn in (_decode_fn, _draft_fn, _greedy_speculative_fn, _greedy_steps_fn)}
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
         self._free = list(range(max_batch - 1, -1, -1))
@@ -233,7 +245,8 @@ class Engine:
         sizes = sorted({pad for b in range(1, self.max_batch + 1) if (pad := self._pad(b, 1)) is not None})
         start = time.perf_counter()
         for size in tqdm(sizes, desc="compiling decode steps", unit="batch size", disable=not progress or not sizes):
-            self.generate([[0]] * min(size, self.max_batch), max_new_tokens=2)
+            # one request alone also takes GREEDY_STEPS tokens at a time, then single steps near its end
+            self.generate([[0]] * min(size, self.max_batch), max_new_tokens=GREEDY_STEPS + 2 if size == 1 else 2)
         if sizes:  # compiling leaves ~600K Python objects that each full garbage collection during decoding would
             gc.collect()  # walk (5-10% of a batch-1 step on the tiny model): move them out of the collector's way
             gc.freeze()
@@ -657,10 +670,29 @@ class Engine:
         if len(r.output) + 1 >= r.params.max_new_tokens:
             r.draft = r.draft_probs = None
 
+    def _steps(self, batch: list[_Request]) -> int:
+        """Tokens the next decode step makes: GREEDY_STEPS in one compiled call for a lone request that is plain
+        greedy with nothing to check between its tokens (no stop strings, grammar or log-probabilities) and at
+        least that many tokens to go (so that the cache blocks it was admitted with hold them), else 1."""
+        if self._compiled is None or len(batch) != 1 or self._pad(1, 1) is None:
+            return 1
+        r = batch[0]
+        p = r.params
+        if (not self._plain_greedy(r) or r.matcher is not None or p.logprobs is not None or p.stop
+                or len(r.output) + GREEDY_STEPS > p.max_new_tokens):
+            return 1
+        return GREEDY_STEPS
+
     def _decode_plain(self, batch: list[_Request], outs: list[Output]) -> None:
-        pad = self._pad(len(batch), 1)
-        at = self.cache.step([r.slot for r in batch], 1, pad)
-        _, logits = self._call(_decode_fn, [at], self._tokens([[r.output[-1]] for r in batch], pad))
+        pad, steps = self._pad(len(batch), 1), self._steps(batch)
+        at = self.cache.step([r.slot for r in batch], steps, pad)
+        ids = self._tokens([[r.output[-1]] for r in batch], pad)
+        if steps > 1:  # the tokens after a stop token are dropped with the request's slot
+            tokens = self._call(_greedy_steps_fn, [at], ids)[0][: len(batch)].tolist()
+            for r, row in zip(batch, tokens):
+                self._guarded([r], outs, lambda r=r, row=row: self._emit(r, row, outs))
+            return
+        _, logits = self._call(_decode_fn, [at], ids)
         logits = logits[: len(batch), -1]
         tokens = self._choose(batch, logits)
         for r, token, lp in zip(batch, tokens, self._token_logprobs(batch, logits, tokens)):
