@@ -198,8 +198,8 @@ class Engine:
             compile_cache()
             graphs = 2 * max_batch.bit_length()
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
-            # checking the ~100 guards on the model's modules and parameters took a quarter of a batch-1 step on
-            # the tiny model; the model is fixed for the engine's life (weights may change in place, not shapes)
+            # checking the guards on the model's modules and parameters took 0.16 ms of a 1 ms batch-1 step on the
+            # tiny model; the model is fixed for the engine's life (weights may change in place, not shapes)
             n = next(self._instances)
             options = {"cpp_wrapper": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
             self._compiled = {fn: torch.compile(_own_copy(fn, n), dynamic=False, fullgraph=True, options=options)
