@@ -9,7 +9,13 @@ import os
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from .infer import Engine  # noqa: E402
+from .infer.engine import compile_cache  # noqa: E402
 from .model import CheckpointError, ConfigError, ModelConfig, Transformer, load_hf, save_hf  # noqa: E402
+
+# torch.compile's cache in leanseek's folder unless TORCHINDUCTOR_CACHE_DIR says otherwise; set now, because the
+# first import of some torch modules (torch.distributed's, which training imports) writes torch's default (/tmp)
+# into the environment
+compile_cache()
 
 __version__ = "0.1.0"
 __all__ = ["CheckpointError", "ConfigError", "Engine", "ModelConfig", "Transformer", "load_hf", "save_hf"]

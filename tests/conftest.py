@@ -7,18 +7,20 @@ import threading
 import time
 import warnings
 
-import pytest
-import torch
-import uvicorn
+# torch.compile's cache: a fixed folder of the temporary directory (reused by later runs), not the user's cache; set
+# before leanseek is imported, which sets its own default
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), "leanseek-tests-torch-compile"))
 
-import leanseek
-from leanseek.infer.engine import Output
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import uvicorn  # noqa: E402
+
+import leanseek  # noqa: E402
+from leanseek.infer.engine import Output  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# torch.compile's cache: a fixed folder of the temporary directory (reused by later runs), not the user's cache
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), "leanseek-tests-torch-compile"))
 
 
 def small_config(**overrides) -> leanseek.ModelConfig:

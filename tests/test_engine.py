@@ -305,3 +305,13 @@ def test_compile_cache_outlives_tmp(monkeypatch, tmp_path):
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "leanseek" / "torch-compile")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert compile_cache() == tmp_path / "mine"
+    # what `leanseek chat` imports, in a fresh process: torch.distributed's first import writes torch's own default
+    # (/tmp) into the environment, so leanseek sets its folder on import, before that
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    code = "import os, leanseek.serve.terminal; print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "XDG_CACHE_HOME": str(tmp_path)},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(tmp_path / "leanseek" / "torch-compile")
