@@ -234,8 +234,8 @@ def test_compiled_decoding_equals_eager(model):
     # each engine compiles for its own model (its graphs do not check the model's modules): a wider model
     # compiled in the same process decodes its own tokens
     wide = randomise(leanseek.Transformer(small_config(vocab_size=97, hidden_size=48)), seed=12)
-    assert Engine(wide, max_batch=1, max_len=48, compile=True).generate(PROMPTS[:2], max_new_tokens=6) == [
-        reference_greedy(wide, p, 6) for p in PROMPTS[:2]]
+    assert Engine(wide, max_batch=1, max_len=48, compile=True).generate(PROMPTS[:2], max_new_tokens=4) == [
+        reference_greedy(wide, p, 4) for p in PROMPTS[:2]]  # one graph: single steps (too few for GREEDY_STEPS)
 
     from torch._dynamo.utils import counters
 
