@@ -670,11 +670,12 @@ class Engine:
         if len(r.output) + 1 >= r.params.max_new_tokens:
             r.draft = r.draft_probs = None
 
-    def _steps(self, batch: list[_Request]) -> int:
-        """Tokens the next decode step makes: GREEDY_STEPS in one compiled call for a lone request that is plain
-        greedy with nothing to check between its tokens (no stop strings, grammar or log-probabilities) and at
-        least that many tokens to go (so that the cache blocks it was admitted with hold them), else 1."""
-        if self._compiled is None or len(batch) != 1 or self._pad(1, 1) is None:
+    def _steps(self, batch: list[_Request], pad: int | None) -> int:
+        """Tokens the next decode step makes: GREEDY_STEPS in one compiled call (pad 1: a lone request, compiled)
+        for a request that is plain greedy with nothing to check between its tokens (no stop strings, grammar or
+        log-probabilities) and at least that many tokens to go (so that the cache blocks it was admitted with hold
+        them), else 1."""
+        if pad != 1:
             return 1
         r = batch[0]
         p = r.params
@@ -684,7 +685,8 @@ class Engine:
         return GREEDY_STEPS
 
     def _decode_plain(self, batch: list[_Request], outs: list[Output]) -> None:
-        pad, steps = self._pad(len(batch), 1), self._steps(batch)
+        pad = self._pad(len(batch), 1)
+        steps = self._steps(batch, pad)
         at = self.cache.step([r.slot for r in batch], steps, pad)
         ids = self._tokens([[r.output[-1]] for r in batch], pad)
         if steps > 1:  # the tokens after a stop token are dropped with the request's slot
