@@ -7,6 +7,7 @@ import shutil
 import sys
 
 import pytest
+import torch
 from test_pretrain import command, losses, run
 
 from leanseek.data.instructions import task_chats
@@ -28,8 +29,8 @@ def base(tmp_path_factory):
     return root
 
 
-def sft(base, out, steps):
-    return [sys.executable, "-m", "leanseek", "sft", "--init", str(base / "base"), "--data", str(base / "chats.jsonl"),
+def sft(base, out, steps, init=None):
+    return [sys.executable, "-m", "leanseek", "sft", "--init", str(init or base / "base"), "--data", str(base / "chats.jsonl"),
             "--out", str(out), "--steps", str(steps), "--batch-size", "4", "--seq-len", "64", "--save-every", "3",
             "--eval-every", "3", "--eval-tokens", "256", "--peak-tflops", "1", "--threads", "1"]
 
@@ -74,6 +75,38 @@ def test_sft_resumes_exactly_and_rl_too(base, tmp_path):
     for key in ("reward", "accuracy", "format_rate", "length", "entropy", "kl", "clip_region", "zero_std_groups"):
         assert key in straight[1], key
     assert "eval_pass@1" in straight[0] and "eval_pass@1" in straight[2]
+
+
+def test_sft_train_mtp_fits_the_mtp_module_alone(base, tmp_path):
+    """--train mtp: the MTP module (its own weights and its router's bias) learns on its loss; every other weight,
+    the shared embedding and head, and the main routers' biases stay exactly as they were; the cost ledger counts
+    the main model forward only."""
+    from safetensors.torch import load_file
+
+    from leanseek.model.config import ModelConfig
+
+    run(sft(base, tmp_path / "sft", 3) + ["--mtp-weight", "0"])
+    run(sft(base, tmp_path / "mtp", 3, init=tmp_path / "sft") + ["--train", "mtp"])
+    before = load_file(tmp_path / "sft" / "latest" / "model.safetensors")
+    after = load_file(tmp_path / "mtp" / "latest" / "model.safetensors")
+    cfg = ModelConfig.from_hf(json.loads((tmp_path / "mtp" / "latest" / "config.json").read_text()))
+    mtp_prefix = f"model.layers.{cfg.num_hidden_layers}."
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(mtp_prefix) for k in changed)
+    assert any(k.endswith("e_score_correction_bias") for k in changed)
+    lines = [json.loads(x) for x in (tmp_path / "mtp" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["mtp"] < lines[0]["mtp"]
+    ledger = json.loads((tmp_path / "mtp" / "cost.json").read_text())
+    assert ledger["flops"] == pytest.approx(cfg.mtp_training_flops_per_token(64) * 3 * 4 * 64)
+    assert cfg.mtp_training_flops_per_token(64) < cfg.flops_per_token(64)
+
+
+def test_sft_train_mtp_needs_an_mtp_loss(base, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        from leanseek.cli import main
+
+        main(sft(base, tmp_path / "mtp", 2)[3:] + ["--train", "mtp", "--mtp-weight", "0"])
+    assert "--train mtp: needs MTP modules" in capsys.readouterr().err
 
 
 def test_eval_reports_every_metric(base, tmp_path):

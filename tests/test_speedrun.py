@@ -25,15 +25,21 @@ def micro(tmp_path_factory):
 
 def test_every_stage_output_is_complete(micro):
     plan = stages(SPEEDRUNS["micro"], micro)
-    assert [s.name for s in plan] == ["data", "pretrain", "sft data", "sft", "eval sft", "rl", "eval rl", "probes"]
+    assert [s.name for s in plan] == ["data", "pretrain", "sft data", "sft", "mtp", "eval sft", "rl", "eval rl",
+                                      "probes"]
     assert all(s.done() for s in plan)
     manifest = json.loads((micro / "data" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["tokens"] > 0 and (micro / "data" / "tokenizer.json").is_file()
-    for run, steps in (("pretrain", 30), ("sft", 20), ("rl", 3)):
+    for run, steps in (("pretrain", 30), ("sft", 20), ("mtp", 4), ("rl", 3)):
         state = json.loads((micro / run / "latest" / "trainer_state.json").read_text())
         assert state["step"] == steps
         assert (micro / run / "latest" / "model.safetensors").is_file()
         assert json.loads((micro / run / "cost.json").read_text())["flops"] > 0
+    # SFT leaves the MTP loss out; the mtp stage fits the module alone; GRPO starts from that
+    assert json.loads((micro / "sft" / "latest" / "trainer_state.json").read_text())["args"]["mtp_weight"] == 0
+    assert json.loads((micro / "mtp" / "latest" / "trainer_state.json").read_text())["args"]["train"] == "mtp"
+    assert json.loads((micro / "rl" / "latest" / "trainer_state.json").read_text())["args"]["init"] == \
+        str(micro / "mtp")
     chats = [json.loads(line)["messages"] for line in (micro / "sft.jsonl").read_text().splitlines()]
     greetings = {q.lower().rstrip("!?") for q in GREETINGS}
     assert any(c[1].get("reasoning_content") for c in chats)
@@ -92,7 +98,7 @@ def test_a_second_run_skips_complete_stages_and_redoes_missing_ones(micro, capsy
     capsys.readouterr()
     main(["speedrun", "--preset", "micro", "--out", str(micro)])
     printed = capsys.readouterr().out
-    for name in ("data", "pretrain", "sft data", "sft", "eval sft", "rl", "probes"):
+    for name in ("data", "pretrain", "sft data", "sft", "mtp", "eval sft", "rl", "probes"):
         assert f"{name}: complete, skipped" in printed
     assert "] eval rl: leanseek eval" in printed and (micro / "eval-rl.json").is_file()
     assert (micro / "report.md").is_file() and "leanseek chat" in printed and "leanseek serve" in printed
@@ -178,7 +184,8 @@ def test_each_stage_runs_with_what_its_shown_command_parses_to(name, tmp_path):
     timings.json and report.md show, for every preset and its dry run."""
     for preset in (SPEEDRUNS[name], dry_run(SPEEDRUNS[name], min(SPEEDRUNS[name]["devices"], 2), "cpu")):
         plan = stages(preset, tmp_path / "my runs", ["builtin", "my notes/"], threads=2)
-        assert [s.subcommand for s in plan] == ["data", "pretrain", None, "sft", "eval", "rl", "eval", None]
+        mtp = ["sft"] if "mtp" in preset else []  # the MTP module fitted alone after SFT without its loss
+        assert [s.subcommand for s in plan] == ["data", "pretrain", None, "sft", *mtp, "eval", "rl", "eval", None]
         for stage in plan:
             if stage.subcommand:
                 argv = shlex.split(stage.command())

@@ -68,6 +68,15 @@ def test_linear_cross_entropy_matches_pytorch():
     ref.backward(torch.tensor(2.0))
     assert ours.item() == pytest.approx(ref.item(), abs=1e-5)
     assert torch.allclose(grads[0], h.grad, atol=1e-6) and torch.allclose(grads[1], w.grad, atol=1e-6)
+    # a frozen head (--train mtp) or frozen inputs: only the gradient asked for, the same values
+    for frozen in (w, h):
+        frozen.requires_grad_(False)
+        learning = h if frozen is w else w
+        h.grad = w.grad = None
+        linear_cross_entropy(h, w, t, chunk_elems=50 * 64).backward(torch.tensor(2.0))
+        assert torch.allclose(learning.grad, grads[0] if learning is h else grads[1], atol=1e-6)
+        assert frozen.grad is None
+        frozen.requires_grad_(True)
 
 
 def test_training_loss_terms():

@@ -195,14 +195,17 @@ def run_probes(out: Path, preset: dict, device: str = "auto") -> dict:
     dtype = inference_dtype(device)
     task = parse_mix(preset["rl"]["task"])[0][0]  # a mix's first task
     sft_chats = read_chats(out / "sft.jsonl")
-    # MTP acceptance over task problems and SFT questions. SFT trains the MTP module with the model; GRPO
-    # trains the main model only, so its drafts may fit the final model less well.
+    # MTP acceptance over task problems and SFT questions. The MTP module learns in SFT or, where SFT leaves its loss
+    # out, in a stage of its own after SFT; GRPO trains the main model only, so its drafts may fit the final model
+    # less well.
     spec_prompts = [q.prompt for q in task.test_set(p["mtp_prompts"] // 2)]
     spec_prompts += [(c["messages"] if isinstance(c, dict) else c)[0]["content"]
                      for c in sft_chats[:p["mtp_prompts"] - len(spec_prompts)]]
     recall, tools, acceptance, engines = {}, {}, {}, []
+    from ..speedrun import sft_model
+
     for name in ("sft", "rl"):
-        path = checkpoint_of(out / name)
+        path = checkpoint_of(out / (sft_model(preset) if name == "sft" else name))
         tokenizer, model = TextTokenizer.load(path), load_hf(path, dtype=dtype, device=device)
         engine = Engine(model, tokenizer, max_batch=64, max_len=1024)  # room for tool rounds (tool_replies)
         recall[name] = definition_recall(engine, tokenizer, sft_chats, p["definitions"], p["max_new_tokens"])

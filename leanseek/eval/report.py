@@ -95,8 +95,8 @@ class Run:
         self.out = out
         self.timings = read_json(out / "timings.json") or {}
         self.manifest = read_json(out / "data" / "manifest.json")
-        self.metrics = {s: read_jsonl(out / s / "metrics.jsonl") for s in ("pretrain", "sft", "rl")}
-        self.ledgers = {s: read_json(out / s / "cost.json") for s in ("pretrain", "sft", "rl")}
+        self.metrics = {s: read_jsonl(out / s / "metrics.jsonl") for s in ("pretrain", "sft", "mtp", "rl")}
+        self.ledgers = {s: read_json(out / s / "cost.json") for s in ("pretrain", "sft", "mtp", "rl")}
         self.evals = {s: read_json(out / f"eval-{s}.json") for s in ("sft", "rl")}
         self.probes = read_json(out / "probes.json")
         self.ledger = next((v for v in self.ledgers.values() if v), {})  # the price and peak of this machine
@@ -168,6 +168,7 @@ def tokens_section(run: Run) -> str:
             rows.append([f"corpus, {split}", f"{s['tokens']:,}", f"{s['documents']:,} documents, "
                                                                  f"{s['bytes'] / max(s['tokens'], 1):.2f} bytes/token"])
     for stage, what in (("pretrain", "tokens trained on"), ("sft", "tokens trained on (loss on the assistant's)"),
+                        ("mtp", "tokens the MTP module alone trained on (the model frozen)"),
                         ("rl", "completion tokens trained on")):
         if run.ledgers[stage]:
             rows.append([stage, f"{run.ledgers[stage]['tokens']:,}", what])
@@ -399,7 +400,8 @@ def mtp_section(run: Run) -> str:
     rows = [[name, f"{v['rate']:.1%}" if v["rate"] is not None else "-", v["drafted"]] for name, v in a.items()]
     return ("## MTP\n\nThe multi-token-prediction module drafts the next token during greedy self-speculative "
             "decoding (`leanseek serve`'s engine with `speculative=True`); the main model accepts a draft when it "
-            "agrees. SFT trains the module with the model; GRPO trains the main model only. DeepSeek-V3 reports "
+            "agrees. SFT trains the module with the model, or (where SFT leaves the MTP loss out) a stage after it trains "
+            "the module alone; GRPO trains the main model only. DeepSeek-V3 reports "
             "85-90% acceptance at its scale.\n\n" + md_table(["model", "acceptance", "drafts"], rows))
 
 

@@ -281,6 +281,12 @@ class ModelConfig:
         attn = 6 * layers * self.num_attention_heads * (self.qk_head_dim + self.v_head_dim) * seq_len
         return float(6 * weights + attn)
 
+    def mtp_training_flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token of the MTP modules alone (`--train mtp`): the main model forward, the modules
+        forward and backward."""
+        main = self.flops_per_token(seq_len, include_mtp=False)
+        return main / 3 + self.flops_per_token(seq_len) - main
+
     def kv_cache_values_per_token(self) -> dict[str, int]:
         """Values cached per token: MLA's latent + rope key, against standard MHA with the same heads."""
         mla = self.num_hidden_layers * (self.kv_lora_rank + self.qk_rope_head_dim)

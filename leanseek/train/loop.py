@@ -43,7 +43,7 @@ from .sft import sft_streams
 
 # arguments that decide what a step computes: a resumed run must use the same ones
 RESUME_KEYS = ("preset", "set", "batch_size", "seq_len", "seed", "lr", "warmup_steps", "decay_frac", "weight_decay",
-               "mtp_weight", "balance_weight", "bias_update_speed", "data", "init")
+               "mtp_weight", "balance_weight", "bias_update_speed", "data", "init", "train")
 
 
 def add_arguments(p: argparse.ArgumentParser, stage: str = "pretrain") -> None:
@@ -70,6 +70,9 @@ def add_arguments(p: argparse.ArgumentParser, stage: str = "pretrain") -> None:
     g.add_argument("--decay-frac", type=float, default=0.2, help="final fraction of steps decaying to 10%% of lr")
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--mtp-weight", type=float, default=0.3, help="lambda of the MTP loss (V3: 0.3, then 0.1)")
+    g.add_argument("--train", default="all", choices=["all", "mtp"],
+                   help="what learns: all, or mtp: the MTP modules alone on their own loss, everything else frozen "
+                        "(fits the drafts to a model trained without the MTP loss, for a fraction of a full step)")
     g.add_argument("--balance-weight", type=float, default=1e-4, help="alpha of the sequence-wise balance loss")
     g.add_argument("--bias-update-speed", type=float, default=1e-3, help="gamma of the aux-loss-free bias update")
     g.add_argument("--seed", type=int, default=0)
@@ -284,9 +287,10 @@ def optimizer_options(impl: str, device: torch.device) -> dict:
 
 
 def build_optimizer(model: Transformer, args, device: torch.device) -> torch.optim.AdamW:
-    """AdamW (0.9, 0.95), weight decay on matrices other than the embedding."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed_tokens" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed_tokens" not in n)]
+    """AdamW (0.9, 0.95) over the parameters that learn, weight decay on matrices other than the embedding."""
+    learning = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in learning if p.ndim >= 2 and "embed_tokens" not in n]
+    no_decay = [p for n, p in learning if not (p.ndim >= 2 and "embed_tokens" not in n)]
     return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
                              **optimizer_options(args.optimizer_impl, device))
@@ -382,7 +386,8 @@ def run(args) -> dict:
     sampler = WindowSampler(corpus.train, args.seq_len, args.batch_size, args.seed, corpus.train_mask)
     val_x, val_y = eval_windows(corpus.val, args.seq_len, args.eval_tokens, corpus.val_mask)
     nbytes = token_bytes(corpus.tokenizer)
-    flops_per_token = cfg.flops_per_token(args.seq_len, include_mtp=args.mtp_weight > 0)
+    flops_per_token = (cfg.mtp_training_flops_per_token(args.seq_len) if args.train == "mtp"
+                       else cfg.flops_per_token(args.seq_len, include_mtp=args.mtp_weight > 0))
     first = {}  # on the first line of a fresh run: the untrained model's and a unigram model's bits per byte
     if start == 0:
         first = {f"initial_{k}": v for k, v in evaluate(objective, val_x, val_y, nbytes, device, autocast).items()}
@@ -390,6 +395,7 @@ def run(args) -> dict:
             first["unigram_val_bpb"] = unigram_bpb(corpus.train, val_y, nbytes, cfg.vocab_size)
     log = Log(run_dir, args, start, place.main)
     routers = model.routers(mtp=args.mtp_weight > 0)  # MTP modules do not run when their loss is off
+    frozen = len(model.routers(mtp=False)) if args.train == "mtp" else 0  # their biases stay as they are
     line: dict = {}
     for step in range(start, args.steps):
         t0 = time.perf_counter()
@@ -401,8 +407,8 @@ def run(args) -> dict:
         if step == start:  # what data parallelism saves, on the first line this process logs
             first["state_bytes_per_device"] = largest_over_ranks(state_bytes(model, optimizer), place)
         optimizer.zero_grad(set_to_none=True)
-        if routers:
-            update_correction_bias(routers, load, args.bias_update_speed)
+        if routers[frozen:]:
+            update_correction_bias(routers[frozen:], load[frozen:], args.bias_update_speed)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
@@ -440,6 +446,12 @@ def prepare_model(args, tokenizer: TextTokenizer, resume: Path | None, place: Pl
     if args.seq_len > model.cfg.max_position_embeddings:
         raise ValueError(f"--seq-len {args.seq_len} exceeds max_position_embeddings="
                          f"{model.cfg.max_position_embeddings}")
+    if args.train == "mtp":
+        if not model.mtp or args.mtp_weight <= 0:
+            raise ValueError("--train mtp: needs MTP modules (num_nextn_predict_layers > 0) and --mtp-weight > 0; "
+                             f"this model has {len(model.mtp)} and --mtp-weight is {args.mtp_weight}")
+        model.requires_grad_(False)
+        model.mtp.requires_grad_(True)
     objective = Objective(model, args.mtp_weight, args.balance_weight)
     if place.sharded:  # before the optimizer exists: sharding replaces the parameters
         shard(objective, place, bf16=uses_bf16(args, place.device))

@@ -35,9 +35,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(dtype)
         valid = targets != IGNORE_INDEX
         n = valid.sum().clamp_min(1)
-        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h, dtype=h_dtype) if want_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad else None
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # a frozen head (--train mtp): no grad_w
+        want_grad = want_h or want_w
+        grad_h = torch.empty_like(h, dtype=h_dtype) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         buf = torch.empty(min(chunk, h.shape[0]), weight.shape[0], dtype=torch.float32, device=h.device)
         total = h.new_zeros((), dtype=torch.float32)
         for s in range(0, h.shape[0], chunk):
@@ -55,20 +56,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if want_grad:
                 g = probs.mul_((mc / n)[:, None] / norm)  # softmax / n on valid rows, then minus one-hot / n
                 g[torch.arange(len(tc), device=g.device), tc] -= mc / n
-                if dtype == torch.float32:
-                    torch.mm(g, w, out=grad_h[s:s + chunk])
-                    grad_w.addmm_(g.t(), hc)
-                else:
-                    g = g.to(dtype)
+                g = g.to(dtype)
+                if want_h:
                     grad_h[s:s + chunk] = g @ w
+                if want_w and dtype == torch.float32:
+                    grad_w.addmm_(g.t(), hc)
+                elif want_w:
                     grad_w += (g.t() @ hc).float()
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if want_grad else None)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if want_w else None)
         return total / n
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, None, None
+        return (None if grad_h is None else grad_h * grad_out, None if grad_w is None else grad_w * grad_out, None,
+                None)
 
 
 @torch.compiler.disable  # a loop over chunks, run eagerly under --compile (dynamo would unroll it)
