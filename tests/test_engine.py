@@ -315,3 +315,36 @@ def test_compile_cache_outlives_tmp(monkeypatch, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env={**env, "XDG_CACHE_HOME": str(tmp_path)},
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(tmp_path / "leanseek" / "torch-compile")
+
+
+@pytest.fixture(scope="module")
+def sparse_model():
+    """DeepSeek-V3.2's sparse attention, selecting 8 keys per query: most of these sequences are longer."""
+    cfg = small_config(vocab_size=97, num_nextn_predict_layers=1, index_n_heads=8, index_head_dim=16, index_topk=8)
+    return randomise(leanseek.Transformer(cfg), seed=13)
+
+
+@pytest.mark.parametrize("max_batch, chunk", [(4, 512), (1, 5)])
+def test_sparse_attention_greedy_equals_full_forward_argmax(sparse_model, max_batch, chunk):
+    """The cache holds each position's indexer key beside its latent; each decode step selects over it. Prompts
+    shorter and longer than index_topk, prefilled whole or in chunks; plain and speculative (the MTP module's
+    own indexer) decoding."""
+    cfg = sparse_model.cfg
+    engine = Engine(sparse_model, max_batch=max_batch, max_len=64, prefill_chunk=chunk)
+    assert engine.cache.values_per_token() == cfg.num_hidden_layers * (
+        cfg.kv_lora_rank + cfg.qk_rope_head_dim + cfg.index_head_dim)
+    prompts = PROMPTS + [list(range(1, 21))]
+    want = [reference_greedy(sparse_model, p, 16) for p in prompts]
+    assert engine.generate(prompts, max_new_tokens=16) == want
+    assert engine.generate(prompts, max_new_tokens=16, speculative=True) == want
+
+
+def test_sparse_attention_compiled_equals_eager(sparse_model):
+    """Compiled steps select over the cache's indexer keys as the eager ones do (sampled: one token a call; greedy:
+    GREEDY_STEPS tokens a call, the later ones selecting over keys written in the same call)."""
+    prompts = [PROMPTS[0], list(range(1, 21))]
+    eager = Engine(sparse_model, max_batch=1, max_len=64)
+    compiled = Engine(sparse_model, max_batch=1, max_len=64, compile=True)
+    kw = dict(temperature=0.9, seed=1)
+    assert compiled.generate(prompts, max_new_tokens=12, **kw) == eager.generate(prompts, max_new_tokens=12, **kw)
+    assert compiled.generate(prompts, max_new_tokens=12) == [reference_greedy(sparse_model, p, 12) for p in prompts]

@@ -209,6 +209,9 @@ def test_metadata_tokenizer_and_refusals(tmp_path, tok):
     with pytest.raises(ValueError, match="group_limited_greedy"):
         write_gguf(v2, tok, tmp_path / "v2.gguf")
     assert not (tmp_path / "v2.gguf").exists() and not list(tmp_path.glob(".v2.gguf.tmp*"))
+    v32 = leanseek.Transformer(small_config(vocab_size=tok.vocab_size, index_n_heads=4, index_head_dim=16))
+    with pytest.raises(ValueError, match="no sparse attention"):
+        write_gguf(v32, tok, tmp_path / "v32.gguf")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("regex") is None, reason="needs the regex package")

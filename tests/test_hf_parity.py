@@ -1,5 +1,6 @@
-"""Logit parity with transformers' own DeepseekV3ForCausalLM / DeepseekV2ForCausalLM (eager attention, float32),
-in both directions: leanseek loads what transformers writes, and transformers loads what leanseek writes."""
+"""Logit parity with transformers' own DeepseekV3ForCausalLM / DeepseekV32ForCausalLM / DeepseekV2ForCausalLM
+(eager attention, float32), in both directions: leanseek loads what transformers writes, and transformers loads what
+leanseek writes."""
 
 import pytest
 import torch
@@ -34,16 +35,16 @@ def hf_logits(folder, ids):
         return model(ids).logits, model
 
 
-def check_both_directions(cfg, tmp_path, seed):
+def check_both_directions(cfg, tmp_path, seed, length=40):
     ours = randomise(leanseek.Transformer(cfg), seed)
-    ids = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(0, cfg.vocab_size, (2, length), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         expected = ours(ids)
     # leanseek -> transformers
     leanseek.save_hf(ours, tmp_path / "ours")
     theirs_logits, theirs = hf_logits(tmp_path / "ours", ids)
-    assert type(theirs).__name__ == ("DeepseekV3ForCausalLM" if cfg.scoring_func == "sigmoid"
-                                     else "DeepseekV2ForCausalLM")
+    assert type(theirs).__name__ == {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM",
+                                     "deepseek_v2": "DeepseekV2ForCausalLM"}[cfg.model_type]
     assert (theirs_logits - expected).abs().max() < 1e-4, (theirs_logits - expected).abs().max()
     # transformers -> leanseek (its own save_pretrained layout and config form)
     theirs.save_pretrained(tmp_path / "theirs")
@@ -117,3 +118,105 @@ def test_random_configs(seed, tmp_path, quiet):
 
     rng = random.Random(seed)
     check_both_directions(random_config(rng, v2_style=seed % 3 == 2), tmp_path, seed)
+
+
+# DeepSeek-V3.2: sparse attention selects once a sequence is longer than index_topk (40 tokens against 8 or 16)
+V32_CASES = {
+    "selects": dict(index_topk=16),
+    "selects-yarn-mtp": dict(index_topk=8, rope_scaling=yarn(), num_nextn_predict_layers=1),
+    "rope-is-the-whole-index-head": dict(index_topk=12, index_head_dim=6, index_n_heads=16),
+    "all-moe-no-shared": dict(index_topk=10, first_k_dense_replace=0, n_shared_experts=0),
+}
+
+
+def v32(**overrides):
+    return small_config(**{"index_n_heads": 8, "index_head_dim": 16, **overrides})
+
+
+@pytest.mark.parametrize("case", V32_CASES)
+def test_v32_parity(case, tmp_path, quiet):
+    cfg = v32(**V32_CASES[case])
+    ours, loaded = check_both_directions(cfg, tmp_path, seed=len(case))
+    assert loaded.cfg.index_topk == cfg.index_topk and loaded.cfg.model_type == "deepseek_v32"
+    if cfg.num_nextn_predict_layers:  # the MTP module's own indexer round-trips through leanseek's files
+        again = leanseek.load_hf(leanseek.save_hf(ours, tmp_path / "again"))
+        assert torch.equal(again.mtp[0].block.self_attn.indexer.wk.weight, ours.mtp[0].block.self_attn.indexer.wk.weight)
+
+
+def test_v32_parity_shorter_than_topk(tmp_path, quiet):
+    """A sequence no longer than index_topk attends to every earlier token: the same logits as dense V3."""
+    cfg = v32(index_topk=40)
+    ours, _ = check_both_directions(cfg, tmp_path, seed=5, length=24)
+    dense = leanseek.Transformer(cfg.replace(index_n_heads=0))
+    dense.load_state_dict({k: v for k, v in ours.state_dict().items() if ".indexer." not in k})
+    ids = torch.randint(0, cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(dense.eval()(ids), ours(ids))
+
+
+def test_sparse_selection_matters(quiet, monkeypatch):
+    """Guard against a vacuous parity test: past index_topk, the logits differ from dense attention's, and from
+    an indexer that rotates MLA's interleaved pairs instead of its own (x_i, x_i+d/2) pairs."""
+    from leanseek.model import indexer, rope
+
+    cfg = v32(index_topk=8)
+    model = randomise(leanseek.Transformer(cfg), 2)
+    ids = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(2))
+    dense = leanseek.Transformer(cfg.replace(index_n_heads=0))
+    dense.load_state_dict({k: v for k, v in model.state_dict().items() if ".indexer." not in k})
+    with torch.no_grad():
+        sparse = model(ids)
+        assert (dense.eval()(ids) - sparse).abs().max() > 1e-2
+        monkeypatch.setattr(indexer, "apply_rope_halves", rope.apply_rope)
+        assert (model(ids) - sparse).abs().max() > 1e-3
+
+
+def test_v32_parameter_count_matches_transformers(quiet):
+    from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
+
+    cfg = v32(index_topk=8)
+    theirs = DeepseekV32ForCausalLM(DeepseekV32Config(**{k: v for k, v in cfg.to_hf().items()
+                                                            if k not in ("architectures", "model_type")}))
+    assert sum(p.numel() for p in theirs.parameters()) == cfg.param_counts().total
+    assert sum(p.numel() for p in leanseek.Transformer(cfg).parameters()) == cfg.param_counts().total
+
+
+def test_v32_config_fields_and_refusals():
+    cfg = leanseek.ModelConfig.from_hf({**small_config().to_hf(), "model_type": "deepseek_v32",
+                                        "architectures": ["DeepseekV32ForCausalLM"]})
+    assert (cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk) == (64, 128, 2048)  # DeepseekV32Config's defaults
+    assert cfg.to_hf()["model_type"] == "deepseek_v32" and "index_topk" not in small_config().to_hf()
+    with pytest.raises(leanseek.ConfigError, match="q_lora_rank"):
+        v32(q_lora_rank=None)
+    with pytest.raises(leanseek.ConfigError, match="index_head_dim"):
+        v32(index_head_dim=4)
+    with pytest.raises(leanseek.ConfigError, match="mlp_layer_types"):
+        leanseek.ModelConfig.from_hf({**v32().to_hf(), "mlp_layer_types": ["sparse", "dense", "sparse"]})
+    with pytest.raises(leanseek.ConfigError, match="deepseek_v32"):
+        leanseek.ModelConfig.from_hf({**small_config().to_hf(), "index_n_heads": 4})
+
+
+def test_v32_flops_grow_with_index_topk_past_it():
+    cfg = v32(index_topk=64)
+    dense = cfg.replace(index_n_heads=0)
+    per_key = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+    indexer = 6 * cfg.num_hidden_layers * cfg.index_n_heads * cfg.index_head_dim
+    base = cfg.flops_per_token(1) - per_key - indexer
+    assert cfg.flops_per_token(32) == base + 32 * per_key + 32 * indexer
+    assert cfg.flops_per_token(4096) == base + 64 * per_key + 4096 * indexer
+    assert dense.flops_per_token(4096) - dense.flops_per_token(64) == (4096 - 64) * per_key
+    kv = cfg.kv_cache_values_per_token()
+    assert kv["indexer"] == cfg.num_hidden_layers * 16 and kv["mla"] == dense.kv_cache_values_per_token()["mla"] + \
+        kv["indexer"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_v32_configs(seed, tmp_path, quiet):
+    import random
+
+    rng = random.Random(100 + seed)
+    cfg = random_config(rng, v2_style=False)
+    cfg = cfg.replace(q_lora_rank=cfg.q_lora_rank or 16, index_n_heads=rng.choice([4, 8, 16]),
+                      index_head_dim=max(cfg.qk_rope_head_dim, rng.choice([8, 16])), index_topk=rng.choice([4, 16, 64]),
+                      num_nextn_predict_layers=rng.choice([0, 1]))
+    check_both_directions(cfg, tmp_path, seed, length=rng.choice([24, 40]))

@@ -1,6 +1,7 @@
 """The MLA latent KV cache: per layer, only [c^KV; k^R] of each position, the normalised latent and the rotated
 shared key (kv_lora_rank + qk_rope_head_dim values), instead of every head's full key and value. One tensor holds
-both, so a single matmul scores a query against them (see MLA.forward_absorbed).
+both, so a single matmul scores a query against them (see MLA.forward_absorbed); with DeepSeek-V3.2's sparse
+attention, the lightning indexer's key too (index_head_dim values more).
 
 Paged, as vLLM's PagedAttention (Kwon et al. 2023) and nano-vllm's block manager: the positions live in a pool of
 fixed-size blocks shared by all sequences, and each sequence slot keeps a block table (its blocks in order), so
@@ -45,8 +46,8 @@ class LatentCache:
         if pool < blocks_for(max_len):
             raise ValueError(f"a cache of {tokens} tokens cannot hold one sequence of {max_len} (the context); "
                              f"give it at least {blocks_for(max_len) * BLOCK}")
-        self.kv = torch.zeros(L, pool + 1, BLOCK, cfg.kv_lora_rank + cfg.qk_rope_head_dim, device=device,
-                              dtype=dtype)
+        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim + (cfg.index_head_dim if cfg.sparse_attention else 0)
+        self.kv = torch.zeros(L, pool + 1, BLOCK, width, device=device, dtype=dtype)
         self.max_len = max_len
         self.scratch = slots
         self.lengths = [0] * slots  # positions filled in each slot
@@ -197,6 +198,10 @@ class CacheStep:
             S = -(-S // BUCKET) * BUCKET
         width = blocks_for(S)
         self.table = torch.tensor([t[:width] + [SCRATCH] * (width - len(t[:width])) for t in tables], device=device)
+        # one sequence whose blocks lie in order in the pool (as a fresh cache hands them out): read() is a view
+        first = tables[0][0] if len(tables) == 1 and tables[0] else None
+        self.span = (first if not self.fixed and first is not None and tables[0][:width] == list(
+            range(first, first + width)) else None)
         self.positions = torch.tensor([[p + k for k in range(T)] for p in starts], device=device)  # [B, T]
         self._bias: torch.Tensor | None = None
         self.carried: dict[int, torch.Tensor] = {}  # per layer, the read latents plus those written (SubStep)
@@ -224,12 +229,14 @@ class CacheStep:
     def read(self, layer: int) -> torch.Tensor:
         """[B, S, D]: every position up to the furthest new one, in order (the mask hides what a row may not see)."""
         B, width = self.table.shape
+        if self.span is not None:  # no copy: at long contexts the copy costs more than attention itself
+            return self.cache.kv[layer, self.span:self.span + width].view(1, width * BLOCK, -1)
         return self.cache.kv[layer].index_select(0, self.table.flatten()).view(B, width * BLOCK, -1)
 
     def attend(self, layer: int, rope: torch.Tensor):
         """A Block `attend` callable: MLA in its absorbed form over this layer's cache."""
         def attend(attn, h: torch.Tensor) -> torch.Tensor:
-            latent = torch.cat(attn.latents(h, rope), dim=-1)
+            latent = attn.cache_entry(h, rope)
             if not self.fixed:
                 self.write(layer, latent)
                 return attn.forward_absorbed(h, rope, self.read(layer), self.bias)
@@ -271,7 +278,7 @@ class SubStep:
         step = self.step
 
         def attend(attn, h: torch.Tensor) -> torch.Tensor:
-            latent = torch.cat(attn.latents(h, rope), dim=-1)  # [B, 1, D]
+            latent = attn.cache_entry(h, rope)  # [B, 1, D]
             kv = step.carried[layer] if layer in step.carried else step.read(layer)
             rows = torch.arange(latent.shape[0], device=latent.device)[:, None]
             kv = step.carried[layer] = kv.index_put((rows, self.positions), latent.to(kv.dtype))

@@ -24,4 +24,5 @@ def run(args) -> None:
     print(table(rows, ["preset", "total", "active", "MTP", f"GFLOP/token@{args.seq_len}", "KV KiB/token (MLA)",
                        "(MHA)"]))
     print("\nGFLOP/token: training (forward + backward), MTP included. KV cache in bf16: MLA caches "
-          "kv_lora_rank + qk_rope_head_dim per layer; MHA would cache full keys and values for every head.")
+          "kv_lora_rank + qk_rope_head_dim per layer (and index_head_dim for a sparse-attention indexer's key); MHA "
+          "would cache full keys and values for every head.")

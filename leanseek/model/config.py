@@ -1,4 +1,5 @@
-"""ModelConfig: the DeepSeek-V3 hyper-parameters under Hugging Face's `DeepseekV3Config` field names.
+"""ModelConfig: the DeepSeek-V3 hyper-parameters under Hugging Face's `DeepseekV3Config` field names, and
+DeepSeek-V3.2's sparse-attention indexer under `DeepseekV32Config`'s (index_n_heads > 0 makes a V3.2 model).
 
 Using HF's names means a leanseek config *is* a `config.json` that transformers, vLLM, SGLang and llama.cpp's
 converter read without translation. Presets are plain data in `presets.py`.
@@ -18,7 +19,7 @@ YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_sl
 # FP8 on load, and writes rope in DeepSeek's legacy form); never written back
 DERIVED_HF_KEYS = {"architectures", "rope_parameters", "torch_dtype", "dtype", "num_mtp_layers", "head_dim",
                    "qk_head_dim", "transformers_version", "_name_or_path", "rope_interleave", "quantization_config",
-                   "auto_map", "num_local_experts", "model_type"}
+                   "auto_map", "num_local_experts", "model_type", "mlp_layer_types", "layer_types"}
 SCORING = {"noaux_tc": "sigmoid", "greedy": "softmax", "group_limited_greedy": "softmax"}
 
 
@@ -78,6 +79,11 @@ class ModelConfig:
     initializer_range: float = 0.02
     bos_token_id: int | None = 0
     eos_token_id: int | None = 1
+    # DeepSeek Sparse Attention (V3.2): each query attends to the index_topk earlier tokens its lightning indexer
+    # (index_n_heads heads of index_head_dim) scores best; 0 heads is V3's dense attention
+    index_n_heads: int = 0
+    index_head_dim: int = 128
+    index_topk: int = 2048
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # other HF keys, kept on save
 
     def __post_init__(self):
@@ -97,12 +103,22 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
-        """From a Hugging Face config.json dict (deepseek_v3, deepseek_v2 or kimi_k2)."""
+        """From a Hugging Face config.json dict (deepseek_v3, deepseek_v32, deepseek_v2 or kimi_k2)."""
         hf = dict(hf)
         model_type = hf.pop("model_type", "deepseek_v3")
-        if model_type not in ("deepseek_v3", "deepseek_v2", "kimi_k2"):
-            raise ConfigError(f"model_type {model_type!r} is not supported: leanseek reads deepseek_v3, deepseek_v2 "
-                              "and kimi_k2 checkpoints")
+        if model_type not in ("deepseek_v3", "deepseek_v32", "deepseek_v2", "kimi_k2"):
+            raise ConfigError(f"model_type {model_type!r} is not supported: leanseek reads deepseek_v3, deepseek_v32, "
+                              "deepseek_v2 and kimi_k2 checkpoints")
+        if model_type == "deepseek_v32":  # DeepseekV32Config's defaults, where the file leaves them out
+            hf = {"index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048, **hf}
+            dense = min(hf.get("first_k_dense_replace", 3), hf.get("num_hidden_layers", 61))
+            pattern = ["dense"] * dense + ["sparse"] * (hf.get("num_hidden_layers", 61) - dense)
+            if hf.get("mlp_layer_types") not in (None, pattern):
+                raise ConfigError(f"mlp_layer_types={hf['mlp_layer_types']!r}: leanseek supports only dense layers "
+                                  f"first (first_k_dense_replace={dense}), i.e. {pattern!r}")
+        elif hf.get("index_n_heads"):
+            raise ConfigError(f"index_n_heads={hf['index_n_heads']} with model_type {model_type!r}: sparse attention "
+                              "is DeepSeek-V3.2's (model_type deepseek_v32)")
         if hf.get("text_config"):
             raise ConfigError("config.json wraps the model in text_config (a multimodal checkpoint); "
                               "pass the text_config folder's language model instead")
@@ -136,14 +152,25 @@ class ModelConfig:
         return cls(**known, extra={k: v for k, v in hf.items() if k not in names})
 
     @property
+    def sparse_attention(self) -> bool:
+        """DeepSeek-V3.2's DSA: a lightning indexer picks the keys each query attends to."""
+        return self.index_n_heads > 0
+
+    @property
     def model_type(self) -> str:
+        if self.sparse_attention:
+            return "deepseek_v32"
         return "deepseek_v3" if self.scoring_func == "sigmoid" else "deepseek_v2"
 
     def to_hf(self) -> dict[str, Any]:
         """The config.json transformers, vLLM and SGLang read (legacy rope form, as DeepSeek's own config)."""
-        arch = "DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"
+        arch = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM",
+                "deepseek_v2": "DeepseekV2ForCausalLM"}[self.model_type]
         out = {k: v for k, v in self.extra.items() if k not in DERIVED_HF_KEYS}
         out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"})
+        if not self.sparse_attention:
+            for name in ("index_n_heads", "index_head_dim", "index_topk"):
+                del out[name]
         out.update(architectures=[arch], model_type=self.model_type, num_key_value_heads=self.num_attention_heads,
                    hidden_act="silu", attention_bias=False, attention_dropout=0.0, moe_layer_freq=1,
                    use_cache=True, pretraining_tp=1)
@@ -176,6 +203,8 @@ class ModelConfig:
             fail("rms_norm_eps", "must be positive")
         if self.has_moe:
             self._validate_moe(fail)
+        if self.sparse_attention:
+            self._validate_indexer(fail)
         if self.rope_scaling is not None:
             rs = self.rope_scaling
             if rs["factor"] < 1:
@@ -183,6 +212,20 @@ class ModelConfig:
             if rs["beta_fast"] < rs["beta_slow"]:
                 raise ConfigError(f"rope_scaling.beta_fast={rs['beta_fast']} must be >= "
                                   f"rope_scaling.beta_slow={rs['beta_slow']}")
+
+    def _validate_indexer(self, fail) -> None:
+        if not isinstance(self.index_n_heads, int) or self.index_n_heads < 0:
+            fail("index_n_heads", "must be a non-negative integer (0: dense attention)")
+        if self.q_lora_rank is None:
+            fail("q_lora_rank", "must be set with sparse attention (index_n_heads > 0): the indexer's queries come "
+                                "from the compressed query latent")
+        if self.scoring_func != "sigmoid":
+            fail("scoring_func", "must be 'sigmoid' with sparse attention (DeepSeek-V3.2 routes as V3)")
+        if not isinstance(self.index_head_dim, int) or self.index_head_dim < self.qk_rope_head_dim:
+            fail("index_head_dim", f"must be an integer >= qk_rope_head_dim={self.qk_rope_head_dim} (the indexer "
+                                   "rotates its first qk_rope_head_dim dimensions)")
+        if not isinstance(self.index_topk, int) or self.index_topk <= 0:
+            fail("index_topk", "must be a positive integer")
 
     def _validate_moe(self, fail) -> None:
         if self.n_routed_experts <= 0:
@@ -236,7 +279,14 @@ class ModelConfig:
             q = d * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * H * self.qk_head_dim
         kv = (d * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
               + self.kv_lora_rank * H * (self.qk_nope_head_dim + self.v_head_dim))
-        return q + kv + H * self.v_head_dim * d
+        return q + kv + H * self.v_head_dim * d + self._indexer_params()
+
+    def _indexer_params(self) -> int:
+        """The lightning indexer's: query and key projections, the key's LayerNorm, the per-head weights."""
+        if not self.sparse_attention:
+            return 0
+        Hi, Di, d = self.index_n_heads, self.index_head_dim, self.hidden_size
+        return self.q_lora_rank * Hi * Di + d * Di + 2 * Di + d * Hi
 
     def _layer_params(self, moe: bool) -> tuple[int, int]:
         """(total, active) parameters of one decoder layer."""
@@ -268,8 +318,10 @@ class ModelConfig:
         """Training FLOPs per token (forward + backward = 3x forward) at context `seq_len`.
 
         Matmuls: 6 FLOPs per active weight (the embedding is a lookup and costs none). Attention scores and the
-        weighted sum: 6 * layers * heads * (qk_head_dim + v_head_dim) * seq_len, counting every key position as
-        PaLM's and nanochat's MFU convention does (no causal discount).
+        weighted sum: 6 * layers * heads * (qk_head_dim + v_head_dim) * keys, counting every key position as
+        PaLM's and nanochat's MFU convention does (no causal discount). With sparse attention a query attends to
+        min(seq_len, index_topk) keys, and its indexer scores all seq_len of them: 6 * layers * index_n_heads *
+        index_head_dim * seq_len more.
         """
         pc = self.param_counts()
         weights = pc.active - pc.embedding
@@ -278,7 +330,10 @@ class ModelConfig:
             D = self.num_nextn_predict_layers
             weights += pc.mtp_active + D * self.vocab_size * self.hidden_size
             layers += D
-        attn = 6 * layers * self.num_attention_heads * (self.qk_head_dim + self.v_head_dim) * seq_len
+        keys = min(seq_len, self.index_topk) if self.sparse_attention else seq_len
+        attn = 6 * layers * self.num_attention_heads * (self.qk_head_dim + self.v_head_dim) * keys
+        if self.sparse_attention:
+            attn += 6 * layers * self.index_n_heads * self.index_head_dim * seq_len
         return float(6 * weights + attn)
 
     def mtp_training_flops_per_token(self, seq_len: int) -> float:
@@ -288,10 +343,12 @@ class ModelConfig:
         return main / 3 + self.flops_per_token(seq_len) - main
 
     def kv_cache_values_per_token(self) -> dict[str, int]:
-        """Values cached per token: MLA's latent + rope key, against standard MHA with the same heads."""
-        mla = self.num_hidden_layers * (self.kv_lora_rank + self.qk_rope_head_dim)
+        """Values cached per token: MLA's latent + rope key (and, with sparse attention, the indexer's key), against
+        standard MHA with the same heads."""
+        index = self.index_head_dim if self.sparse_attention else 0
+        mla = self.num_hidden_layers * (self.kv_lora_rank + self.qk_rope_head_dim + index)
         mha = self.num_hidden_layers * self.num_attention_heads * (self.qk_head_dim + self.v_head_dim)
-        return {"mla": mla, "mha": mha}
+        return {"mla": mla, "mha": mha, "indexer": self.num_hidden_layers * index}
 
 
 def yarn_mscale(factor: float, mscale: float) -> float:

@@ -41,6 +41,8 @@ def run(args) -> None:
             ["parameters: total", f"{pc.total:,} ({human(pc.total)})"],
             ["parameters: active per token", f"{pc.active:,} ({human(pc.active)})"],
             ["parameters: MTP modules", f"{pc.mtp:,} ({human(pc.mtp)})"],
+            *([["sparse attention (DSA)", f"top {cfg.index_topk:,} tokens per query, indexer {cfg.index_n_heads} "
+                                          f"heads of {cfg.index_head_dim}"]] if cfg.sparse_attention else []),
             [f"training FLOPs per token at {args.seq_len}", f"{cfg.flops_per_token(args.seq_len):.4g}"],
             ["KV cache values per token: MLA / MHA", f"{kv['mla']:,} / {kv['mha']:,} "
                                                      f"({kv['mla'] / kv['mha']:.1%})"]]

@@ -3,6 +3,15 @@
 _YARN_V3 = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
             "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
 
+_TINY = dict(
+    vocab_size=4096, hidden_size=256, intermediate_size=320, moe_intermediate_size=64,
+    num_hidden_layers=4, num_attention_heads=4, q_lora_rank=128, kv_lora_rank=64,
+    qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+    n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+    first_k_dense_replace=1, routed_scaling_factor=1.0, max_position_embeddings=1024,
+    num_nextn_predict_layers=1,
+)
+
 PRESETS: dict[str, dict] = {
     # ~1.8M parameters, most of them the embedding and head: a student for distillation from tiny.
     "nano": dict(
@@ -17,14 +26,10 @@ PRESETS: dict[str, dict] = {
     # fine-grained experts a quarter of the hidden size wide (V3: 2048 / 7168), top-4 of 16 within the best 2 of
     # 4 groups, plus a shared expert; a dense first layer as wide as the active experts ((1 + 4) x 64, as V3's
     # 18432 = 9 x 2048); one MTP module.
-    "tiny": dict(
-        vocab_size=4096, hidden_size=256, intermediate_size=320, moe_intermediate_size=64,
-        num_hidden_layers=4, num_attention_heads=4, q_lora_rank=128, kv_lora_rank=64,
-        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-        n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
-        first_k_dense_replace=1, routed_scaling_factor=1.0, max_position_embeddings=1024,
-        num_nextn_predict_layers=1,
-    ),
+    "tiny": _TINY,
+    # tiny with DeepSeek-V3.2's sparse attention: each query attends to the 64 tokens a 4-head indexer picks, so a
+    # quarter of a 256-token pretraining window (V3.2: 2,048 of 128K).
+    "tiny-dsa": dict(_TINY, index_n_heads=4, index_head_dim=32, index_topk=64),
     # ~99M parameters, 61M active: one GPU. tiny's proportions, except attention: the GPU presets take V3's own
     # head shapes (latent 512, RoPE key 64, 128 + 64 query/key and 128 value dims per head), the only ones the
     # fast MLA decode kernels serve (FlashMLA, FlashInfer/TRT-LLM and CUTLASS MLA; vLLM accepts no other latent
@@ -50,6 +55,12 @@ PRESETS: dict[str, dict] = {
     # DeepSeek-V3 / R1 (671B total, 37B active): inference/configs/config_671B.json and the HF config.json.
     "deepseek-v3": dict(
         rope_scaling=_YARN_V3, max_position_embeddings=163840, num_nextn_predict_layers=1,
+    ),
+    # DeepSeek-V3.2 (V3.2-Exp, V3.2, V3.2-Speciale): V3 plus DeepSeek Sparse Attention, each query attending to the
+    # 2,048 tokens its lightning indexer (64 heads of 128) scores best; transformers' DeepseekV32Config.
+    "deepseek-v3.2": dict(
+        rope_scaling=_YARN_V3, max_position_embeddings=163840, num_nextn_predict_layers=1,
+        index_n_heads=64, index_head_dim=128, index_topk=2048,
     ),
     # DeepSeek-V2-Lite (15.7B total, 2.4B active): softmax routing, no query compression.
     "deepseek-v2-lite": dict(

@@ -74,3 +74,11 @@ def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
         x32 = x32.contiguous()  # view_as_complex needs pairs laid out as (real, imag)
     out = torch.view_as_real(torch.view_as_complex(x32.unflatten(-1, (-1, 2))) * rotation).flatten(-2)
     return out.to(x.dtype)
+
+
+def apply_rope_halves(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """RoPE over the pairs (x_i, x_i+d/2) instead (the GPT-NeoX / Llama layout), as DeepSeek-V3.2's indexer
+    rotates its keys and queries: the same rotation applied to the halves interleaved, then laid out again."""
+    half = x.shape[-1] // 2
+    paired = x.unflatten(-1, (2, half)).transpose(-1, -2).flatten(-2)
+    return apply_rope(paired, rotation).unflatten(-1, (half, 2)).transpose(-1, -2).flatten(-2)
