@@ -317,3 +317,42 @@ def test_sharding_in_bf16_keeps_the_router_in_float32():
         assert all(p.grad.dtype == torch.float32 for p in objective.parameters() if p.grad is not None)
     finally:
         dist.destroy_process_group()
+
+
+DSA = ["index_n_heads=4", "index_head_dim=16", "index_topk=8"]  # sparse past 8 of the 32-token windows
+
+
+def weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "latest" / "model.safetensors")
+
+
+def test_sparse_attention_warm_up_then_sparse_training(data_dir, tmp_path):
+    """DeepSeek-V3.2's two stages from a dense checkpoint (`--init`, indexers added by --set): the warm-up
+    (`--train indexer`: dense attention, the indexers alone learn, their KL loss falls), then sparse training (every
+    weight learns; the indexers from their loss only, the rest from the language-model loss)."""
+    run(command(data_dir, tmp_path / "dense", 3))
+    warm = command(data_dir, tmp_path / "warm", 12, *DSA, "--init", str(tmp_path / "dense"), "--train", "indexer",
+                   "--lr", "0.01")
+    run(warm)
+    before, after = weights(tmp_path / "dense"), weights(tmp_path / "warm")
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the dense model is untouched
+    added = set(after) - set(before)
+    assert added and all(".indexer." in k for k in added)
+    lines = [json.loads(x) for x in (tmp_path / "warm" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["index"] < 0.8 * lines[0]["index"]
+    assert json.loads((tmp_path / "warm" / "cost.json").read_text())["flops"] > 0
+
+    run(command(data_dir, tmp_path / "sparse", 3, *DSA, "--init", str(tmp_path / "warm")))
+    trained = weights(tmp_path / "sparse")
+    assert all(not torch.equal(trained[k], after[k]) for k in ("model.embed_tokens.weight",
+                                                               "model.layers.0.self_attn.indexer.wk.weight"))
+    assert "index" in json.loads((tmp_path / "sparse" / "metrics.jsonl").read_text().splitlines()[-1])
+
+    done = subprocess.run(command(data_dir, tmp_path / "wider", 3, "kv_lora_rank=32", "--init", str(tmp_path / "dense")),
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "would change shape or go" in done.stderr
+    done = subprocess.run(command(data_dir, tmp_path / "no-indexer", 3, "--train", "indexer"), capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and "--train indexer: needs a sparse-attention model" in done.stderr

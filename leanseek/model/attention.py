@@ -77,8 +77,12 @@ class MLA(nn.Module):
         parts = [*self.latents(x, rope)] + ([self.indexer.keys(x, rope)] if self.indexer is not None else [])
         return torch.cat(parts, dim=-1)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        """Expanded causal self-attention over x [B, T, d] -> [B, T, d]."""
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, index_losses: list | None = None,
+                dense: bool = False) -> torch.Tensor:
+        """Expanded causal self-attention over x [B, T, d] -> [B, T, d].
+
+        With sparse attention: dense attends to every earlier token (the indexer's warm-up), and index_losses, when
+        given, gets the indexer's KL loss against this attention (index_kl)."""
         B, T, _ = x.shape
         H, dn, dr, dv = self.n_heads, self.dn, self.dr, self.dv
         q_latent = self.query_latent(x) if self.indexer is not None else None
@@ -90,14 +94,36 @@ class MLA(nn.Module):
         width = max(dn + dr, dv)
         q, k, v = ((F.pad(t, (0, width - t.shape[-1])) if t.shape[-1] < width else t).transpose(1, 2)
                    for t in (q, k, v))
-        if self.indexer is None or T <= self.indexer.topk:  # every earlier token is among the best index_topk
+        sparse = self.indexer is not None and not dense and T > self.indexer.topk
+        if not sparse:  # dense, or every earlier token is among the best index_topk
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # Eq. 10
+            keep = torch.ones(T, T, dtype=torch.bool, device=x.device).tril_()
         else:
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril_()
             with torch.no_grad():  # a selection: no gradient reaches the indexer through it
                 keep = self.indexer.select(self.indexer.scores(x, q_latent, rope, self.indexer.keys(x, rope)), causal)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep.unsqueeze(1), scale=self.scale)
+        if index_losses is not None and self.indexer is not None:
+            index_losses.append(self.index_kl(x, q_latent, rope, q, k, keep))
         return self.o_proj(o[..., :dv].transpose(1, 2).flatten(2))
+
+    def index_kl(self, x: torch.Tensor, q_latent: torch.Tensor, rope: torch.Tensor, q: torch.Tensor,
+                 k: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The indexer's training loss (V3.2-Exp report section 2.2): per query, KL(p || softmax(I)) over the keys
+        it attends to (`keep`, [B, T, T] or [T, T]: every earlier one in the dense warm-up, the selected ones in
+        sparse training), where p is this attention's probabilities summed over heads and L1-normalised. The
+        indexer's inputs are detached, so the loss trains the indexer only (and the language-model loss never does).
+        q, k: [B, H, T, width] as attention used them. Returns the mean over queries."""
+        with torch.no_grad():
+            logits = matmul(q, k.transpose(-1, -2)).float().mul_(self.scale).masked_fill_(~keep.unsqueeze(-3),
+                                                                                           float("-inf"))
+            p = logits.softmax(-1).sum(1)
+            p = p / p.sum(-1, keepdim=True)  # [B, T, T]
+        x, q_latent = x.detach(), q_latent.detach()
+        scores = self.indexer.scores(x, q_latent, rope, self.indexer.keys(x, rope))
+        log_q = scores.masked_fill(~keep, float("-inf")).log_softmax(-1)
+        kl = torch.where(keep & (p > 0), p * (p.clamp_min(1e-30).log() - log_q), 0.0)
+        return kl.sum(-1).mean()
 
     def forward_absorbed(self, x: torch.Tensor, rope: torch.Tensor, kv: torch.Tensor,
                          bias: torch.Tensor | None = None) -> torch.Tensor:

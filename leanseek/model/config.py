@@ -342,6 +342,14 @@ class ModelConfig:
         main = self.flops_per_token(seq_len, include_mtp=False)
         return main / 3 + self.flops_per_token(seq_len) - main
 
+    def indexer_training_flops_per_token(self, seq_len: int, include_mtp: bool = True) -> float:
+        """Training FLOPs per token of the sparse-attention indexers alone (`--train indexer`): the model forward
+        with dense attention, the indexers forward and backward."""
+        dense = self.replace(index_n_heads=0)
+        layers = self.num_hidden_layers + (self.num_nextn_predict_layers if include_mtp else 0)
+        indexers = 6 * layers * (self._indexer_params() + self.index_n_heads * self.index_head_dim * seq_len)
+        return dense.flops_per_token(seq_len, include_mtp) / 3 + indexers
+
     def kv_cache_values_per_token(self) -> dict[str, int]:
         """Values cached per token: MLA's latent + rope key (and, with sparse attention, the indexer's key), against
         standard MHA with the same heads."""

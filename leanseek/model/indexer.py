@@ -44,7 +44,7 @@ class Indexer(nn.Module):
         B, T, _ = x.shape
         q = self._rotate(self.wq_b(q_latent).unflatten(-1, (self.n_heads, self.head_dim)), rope.unsqueeze(-2))
         logits = matmul(q.reshape(B, T * self.n_heads, self.head_dim), keys.transpose(1, 2))  # [B, T*H, S]
-        relu = F.relu(logits.float().view(B, T, self.n_heads, -1)).mul_(self.head_dim ** -0.5)
+        relu = F.relu(logits.float().view(B, T, self.n_heads, -1) * self.head_dim ** -0.5)
         weights = self.weights_proj(x).float() * self.n_heads ** -0.5  # w_{t,j}
         return matmul(weights.unsqueeze(-2), relu).squeeze(-2)  # sum over heads: [B, T, S]
 

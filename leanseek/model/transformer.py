@@ -55,6 +55,8 @@ class Transformer(nn.Module):
                 continue
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
+            elif name.endswith("norm.bias"):  # the indexer's LayerNorm
+                p.zero_()
             else:
                 p.normal_(0.0, std)
         for r in self.routers():
@@ -66,14 +68,15 @@ class Transformer(nn.Module):
         blocks = list(self.layers) + ([m.block for m in self.mtp] if mtp else [])
         return [b.mlp.gate for b in blocks if isinstance(b.mlp, MoE)]
 
-    def hidden(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[Routing], torch.Tensor]:
+    def hidden(self, input_ids: torch.Tensor, attend=None) -> tuple[torch.Tensor, list[Routing], torch.Tensor]:
         """input_ids [B, T] -> final-normed hidden states [B, T, d], the routing of each MoE layer, and the RoPE
-        rotations [T, dr/2] of positions 0..T-1."""
+        rotations [T, dr/2] of positions 0..T-1. attend(rope): a Block `attend` for every layer (see
+        forward_train)."""
         x = self.embed_tokens(input_ids)
         rope = self.rotary(torch.arange(input_ids.shape[1], device=input_ids.device))
         routing = []
         for layer in self.layers:
-            x, r = layer(x, rope)
+            x, r = layer(x, rope, None if attend is None else attend(rope))
             if r is not None:
                 routing.append(r)
         return self.norm(x), routing, rope
@@ -103,9 +106,14 @@ class Transformer(nn.Module):
         h, normed, _ = self.mtp[depth - 1](hidden, self.embed_tokens(next_ids), rope, at.attend(depth - 1, rope))
         return h, normed
 
-    def forward_train(self, input_ids: torch.Tensor, mtp: bool = True) -> TrainOutput:
-        """Main hidden states plus, when mtp, each MTP depth's (Eqs. 21-23), and every router's decision."""
-        h, routing, rope = self.hidden(input_ids)
+    def forward_train(self, input_ids: torch.Tensor, mtp: bool = True, index_losses: list | None = None,
+                      dense: bool = False) -> TrainOutput:
+        """Main hidden states plus, when mtp, each MTP depth's (Eqs. 21-23), and every router's decision. With
+        sparse attention, index_losses (a list) collects every layer's indexer loss (MLA.index_kl), and dense
+        attends densely (the indexer's warm-up)."""
+        attend = ((lambda rope: lambda attn, h: attn(h, rope, index_losses, dense))
+                  if self.cfg.sparse_attention and (index_losses is not None or dense) else None)
+        h, routing, rope = self.hidden(input_ids, attend)
         out = TrainOutput(h, routing=routing)
         if not mtp:
             return out
@@ -114,7 +122,8 @@ class Transformer(nn.Module):
             if T - k <= 0:
                 break
             # depth k pairs the depth-(k-1) state at position i with the embedding of token i+k
-            h, normed, r = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), rope[: T - k])
+            h, normed, r = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), rope[: T - k],
+                                  None if attend is None else attend(rope[: T - k]))
             out.mtp_hidden.append(normed)
             out.routing.append(r)
         return out

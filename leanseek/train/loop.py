@@ -31,6 +31,7 @@ from ..data import TextTokenizer, load_split
 from ..device import add_device_arguments, default_price, use_device
 from ..model.config import ModelConfig
 from ..model.hf import load_hf, read_config
+from ..model.indexer import Indexer
 from ..model.moe import Experts, Router
 from ..model.transformer import Transformer
 from .balance import max_violation, update_correction_bias
@@ -43,7 +44,7 @@ from .sft import sft_streams
 
 # arguments that decide what a step computes: a resumed run must use the same ones
 RESUME_KEYS = ("preset", "set", "batch_size", "seq_len", "seed", "lr", "warmup_steps", "decay_frac", "weight_decay",
-               "mtp_weight", "balance_weight", "bias_update_speed", "data", "init", "train")
+               "mtp_weight", "balance_weight", "bias_update_speed", "data", "init", "train", "indexer_weight")
 
 
 def add_arguments(p: argparse.ArgumentParser, stage: str = "pretrain") -> None:
@@ -57,8 +58,11 @@ def add_arguments(p: argparse.ArgumentParser, stage: str = "pretrain") -> None:
         g.add_argument("--data", required=True, help="a folder made by `leanseek data`")
     g.add_argument("--out", required=True, help="run folder: checkpoints/, latest, metrics.jsonl, cost.json")
     if stage == "pretrain":
+        g.add_argument("--init", help="continue from this run folder or checkpoint: its weights and config (changed "
+                                      "by --set; index_n_heads=N adds DeepSeek-V3.2's indexers, which start fresh), "
+                                      "a fresh optimizer")
         g = p.add_argument_group("model")
-        g.add_argument("--preset", default="tiny")
+        g.add_argument("--preset", default="tiny", help="the model to build (not with --init)")
         g.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override config fields")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=1000 if stage == "pretrain" else 300)
@@ -70,9 +74,13 @@ def add_arguments(p: argparse.ArgumentParser, stage: str = "pretrain") -> None:
     g.add_argument("--decay-frac", type=float, default=0.2, help="final fraction of steps decaying to 10%% of lr")
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--mtp-weight", type=float, default=0.3, help="lambda of the MTP loss (V3: 0.3, then 0.1)")
-    g.add_argument("--train", default="all", choices=["all", "mtp"],
-                   help="what learns: all, or mtp: the MTP modules alone on their own loss, everything else frozen "
-                        "(fits the drafts to a model trained without the MTP loss, for a fraction of a full step)")
+    g.add_argument("--train", default="all", choices=["all", "mtp", "indexer"],
+                   help="what learns: all; mtp: the MTP modules alone on their own loss, everything else frozen "
+                        "(fits the drafts to a model trained without the MTP loss, for a fraction of a full step); "
+                        "indexer: a sparse-attention (DeepSeek-V3.2) model's indexers alone, against the dense "
+                        "attention (the warm-up that precedes sparse training)")
+    g.add_argument("--indexer-weight", type=float, default=1.0,
+                   help="weight of the sparse-attention indexers' KL loss (it trains the indexers only)")
     g.add_argument("--balance-weight", type=float, default=1e-4, help="alpha of the sequence-wise balance loss")
     g.add_argument("--bias-update-speed", type=float, default=1e-3, help="gamma of the aux-loss-free bias update")
     g.add_argument("--seed", type=int, default=0)
@@ -125,13 +133,15 @@ class Objective(nn.Module):
     (the loss uses the output head's weight outside the head's own forward): DDP's around the whole forward,
     FSDP's all-gather of the embedding, final norm and head as the root of the sharded modules."""
 
-    def __init__(self, model: Transformer, mtp_weight: float, balance_weight: float):
+    def __init__(self, model: Transformer, mtp_weight: float, balance_weight: float, index_weight: float = 0.0,
+                 dense: bool = False):
         super().__init__()
         self.model, self.mtp_weight, self.balance_weight = model, mtp_weight, balance_weight
+        self.index_weight, self.dense = index_weight, dense
 
     def forward(self, x: torch.Tensor, y: torch.Tensor):
-        t = training_loss(self.model, x, y, self.mtp_weight, self.balance_weight)
-        return t.loss, t.ce, t.mtp, t.balance, t.load
+        t = training_loss(self.model, x, y, self.mtp_weight, self.balance_weight, self.index_weight, self.dense)
+        return t.loss, t.ce, t.mtp, t.balance, t.index, t.load
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The main head's logits (for evaluation); under FSDP a forward method of the root like `forward`."""
@@ -229,10 +239,30 @@ def build_model(args, tokenizer: TextTokenizer, resume: Path | None, place: Plac
             return Transformer(read_config(resume)).train()
     if resume is not None or args.stage == "sft":
         return load_hf(resume or checkpoint_of(Path(args.init)), device=place.device).train()
+    if args.init:
+        return continued(args, place)
     torch.manual_seed(args.seed)
     cfg = ModelConfig.preset(args.preset, **{"vocab_size": tokenizer.vocab_size, "bos_token_id": tokenizer.bos_id,
                                              "eos_token_id": tokenizer.eos_id, **parse_overrides(args.set)})
     return Transformer(cfg).to("cpu" if place.sharded else place.device).train()
+
+
+def continued(args, place: Place) -> Transformer:
+    """`leanseek pretrain --init`: the checkpoint's model with its config changed by --set. Sparse attention's
+    indexers may be added (they start from the usual initialisation) or dropped; every other weight must keep its
+    shape."""
+    base = load_hf(checkpoint_of(Path(args.init)))
+    cfg = base.cfg.replace(**parse_overrides(args.set))
+    torch.manual_seed(args.seed)
+    model = Transformer(cfg)
+    theirs, ours = base.state_dict(), model.state_dict()
+    changed = [k for k in (set(ours) ^ set(theirs)) if ".indexer." not in k]
+    changed += [k for k in set(ours) & set(theirs) if ours[k].shape != theirs[k].shape]
+    if changed:
+        raise ValueError(f"--init {args.init} with --set {' '.join(args.set)}: the weights {sorted(changed)[:4]} "
+                         "would change shape or go; only sparse attention's indexers can be added or dropped")
+    model.load_state_dict({k: v for k, v in theirs.items() if k in ours}, strict=False)
+    return model.to("cpu" if place.sharded else place.device).train()
 
 
 def shard(objective: Objective, place: Place, bf16: bool = False) -> None:
@@ -327,17 +357,17 @@ def accumulate(forward: nn.Module, objective: Objective, last: bool, sharded: bo
 def train_step(forward: nn.Module, objective: Objective, optimizer: torch.optim.Optimizer, batches: list,
                place: Place, n_routers: int, autocast) -> tuple[list[float], torch.Tensor, float]:
     """One optimizer step over the global batch: gradient accumulation over this rank's micro-batches, clipping
-    at 1.0, AdamW. Returns the global batch's mean (loss, ce, mtp, balance), the expert loads [n_routers, E]
+    at 1.0, AdamW. Returns the global batch's mean (loss, ce, mtp, balance, index), the expert loads [n_routers, E]
     summed over it, and the gradient norm before clipping."""
     device = place.device
-    sums = torch.zeros(4, device=device)
+    sums = torch.zeros(5, device=device)
     load = torch.zeros(n_routers, objective.model.cfg.n_routed_experts, device=device)
     for m, (x, y) in enumerate(batches):
         with accumulate(forward, objective, m == len(batches) - 1, place.sharded):
             with autocast():
-                loss, ce, mtp, balance, micro_load = forward(x.to(device), y.to(device))
+                loss, ce, mtp, balance, index, micro_load = forward(x.to(device), y.to(device))
             (loss / len(batches)).backward()
-        sums += torch.stack([loss.detach(), ce, mtp, balance]) / len(batches)
+        sums += torch.stack([loss.detach(), ce, mtp, balance, index]) / len(batches)
         load += micro_load
     if place.world > 1:  # the bias update and the logged loss are over the global batch
         dist.all_reduce(load)
@@ -386,8 +416,9 @@ def run(args) -> dict:
     sampler = WindowSampler(corpus.train, args.seq_len, args.batch_size, args.seed, corpus.train_mask)
     val_x, val_y = eval_windows(corpus.val, args.seq_len, args.eval_tokens, corpus.val_mask)
     nbytes = token_bytes(corpus.tokenizer)
-    flops_per_token = (cfg.mtp_training_flops_per_token(args.seq_len) if args.train == "mtp"
-                       else cfg.flops_per_token(args.seq_len, include_mtp=args.mtp_weight > 0))
+    flops_per_token = {"mtp": lambda: cfg.mtp_training_flops_per_token(args.seq_len),
+                       "indexer": lambda: cfg.indexer_training_flops_per_token(args.seq_len, args.mtp_weight > 0),
+                       "all": lambda: cfg.flops_per_token(args.seq_len, include_mtp=args.mtp_weight > 0)}[args.train]()
     first = {}  # on the first line of a fresh run: the untrained model's and a unigram model's bits per byte
     if start == 0:
         first = {f"initial_{k}": v for k, v in evaluate(objective, val_x, val_y, nbytes, device, autocast).items()}
@@ -395,14 +426,16 @@ def run(args) -> dict:
             first["unigram_val_bpb"] = unigram_bpb(corpus.train, val_y, nbytes, cfg.vocab_size)
     log = Log(run_dir, args, start, place.main)
     routers = model.routers(mtp=args.mtp_weight > 0)  # MTP modules do not run when their loss is off
-    frozen = len(model.routers(mtp=False)) if args.train == "mtp" else 0  # their biases stay as they are
+    # the routers whose biases stay as they are: the main model's when only the MTP modules learn, all of them when
+    # only the indexers do
+    frozen = {"all": 0, "mtp": len(model.routers(mtp=False)), "indexer": len(routers)}[args.train]
     line: dict = {}
     for step in range(start, args.steps):
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         batches = sampler.micro_batches(step, place.rank, place.world, accumulation)
-        (loss, ce, mtp, balance), load, grad_norm = train_step(forward, objective, optimizer, batches, place,
+        (loss, ce, mtp, balance, index), load, grad_norm = train_step(forward, objective, optimizer, batches, place,
                                                                len(routers), autocast)
         if step == start:  # what data parallelism saves, on the first line this process logs
             first["state_bytes_per_device"] = largest_over_ranks(state_bytes(model, optimizer), place)
@@ -421,6 +454,8 @@ def run(args) -> dict:
                 "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm, "tokens_per_s": tokens / dt,
                 "mfu": flops_per_token * tokens / dt / (peak * 1e12 * place.world), "maxvio": float(vio.mean()),
                 "maxvio_max": float(vio.max()), "seconds": dt, **first}
+        if cfg.sparse_attention:
+            line["index"] = index
         first = {}
         done = step + 1 == args.steps
         if (step + 1) % args.eval_every == 0 or done:
@@ -452,7 +487,17 @@ def prepare_model(args, tokenizer: TextTokenizer, resume: Path | None, place: Pl
                              f"this model has {len(model.mtp)} and --mtp-weight is {args.mtp_weight}")
         model.requires_grad_(False)
         model.mtp.requires_grad_(True)
-    objective = Objective(model, args.mtp_weight, args.balance_weight)
+    if args.train == "indexer":
+        if not model.cfg.sparse_attention or args.indexer_weight <= 0:
+            raise ValueError("--train indexer: needs a sparse-attention model (index_n_heads > 0) and "
+                             f"--indexer-weight > 0; this model has index_n_heads={model.cfg.index_n_heads} and "
+                             f"--indexer-weight is {args.indexer_weight}")
+        model.requires_grad_(False)
+        for module in model.modules():
+            if isinstance(module, Indexer):
+                module.requires_grad_(True)
+    objective = Objective(model, args.mtp_weight, args.balance_weight, args.indexer_weight,
+                          dense=args.train == "indexer")
     if place.sharded:  # before the optimizer exists: sharding replaces the parameters
         shard(objective, place, bf16=uses_bf16(args, place.device))
     if model.embed_tokens.weight.is_meta:  # a sharded checkpoint's: allocate this rank's shards, then read them

@@ -1,4 +1,5 @@
-"""The DeepSeek-V3 training objective: next-token cross-entropy + lambda * MTP loss (Eq. 25) + alpha * balance loss."""
+"""The DeepSeek-V3 training objective: next-token cross-entropy + lambda * MTP loss (Eq. 25) + alpha * balance loss,
+and with DeepSeek-V3.2's sparse attention the indexer's KL loss (its inputs detached: it trains the indexer only)."""
 
 from dataclasses import dataclass
 
@@ -93,16 +94,20 @@ class LossTerms:
     ce: torch.Tensor  # main next-token loss
     mtp: torch.Tensor  # mean over depths of the MTP losses (before lambda)
     balance: torch.Tensor  # sequence-wise balance loss summed over routers (before alpha)
+    index: torch.Tensor  # mean over layers of the sparse-attention indexers' KL losses (before its weight)
     load: torch.Tensor  # [n_routers, E] tokens per expert in this batch (for the bias update and MaxVio)
 
 
 def training_loss(model: Transformer, input_ids: torch.Tensor, targets: torch.Tensor, mtp_weight: float = 0.3,
-                  balance_weight: float = 1e-4) -> LossTerms:
-    """L = L_main + mtp_weight * (1/D) sum_k L^k_MTP (Eqs. 24-25) + balance_weight * sum_layers L_Bal (Eq. 17).
+                  balance_weight: float = 1e-4, index_weight: float = 0.0, dense: bool = False) -> LossTerms:
+    """L = L_main + mtp_weight * (1/D) sum_k L^k_MTP (Eqs. 24-25) + balance_weight * sum_layers L_Bal (Eq. 17)
+    + index_weight * the mean of the indexers' KL losses (sparse attention; MLA.index_kl).
 
     input_ids, targets: [B, T], targets[:, i] being the token after input_ids[:, i] (-100 to ignore).
-    MTP depth k predicts targets[:, i + k] from position i."""
-    out = model.forward_train(input_ids, mtp=mtp_weight > 0)
+    MTP depth k predicts targets[:, i + k] from position i. dense: sparse-attention layers attend densely (the
+    indexer's warm-up, against the dense attention)."""
+    index_losses = [] if index_weight > 0 and model.cfg.sparse_attention else None
+    out = model.forward_train(input_ids, mtp=mtp_weight > 0, index_losses=index_losses, dense=dense)
     head = model.lm_head.weight
     ce = linear_cross_entropy(out.hidden, head, targets)
     zero = ce.new_zeros(())
@@ -113,5 +118,6 @@ def training_loss(model: Transformer, input_ids: torch.Tensor, targets: torch.Te
                if balance_weight > 0 and out.routing else zero)
     load = (expert_load(out.routing, cfg.n_routed_experts) if out.routing
             else torch.zeros(0, cfg.n_routed_experts))
-    return LossTerms(ce + mtp_weight * mtp + balance_weight * balance, ce.detach(), mtp.detach(),
-                     balance.detach(), load)
+    index = sum(index_losses) / len(index_losses) if index_losses else zero
+    return LossTerms(ce + mtp_weight * mtp + balance_weight * balance + index_weight * index, ce.detach(),
+                     mtp.detach(), balance.detach(), index.detach(), load)
