@@ -94,16 +94,17 @@ class MLA(nn.Module):
         width = max(dn + dr, dv)
         q, k, v = ((F.pad(t, (0, width - t.shape[-1])) if t.shape[-1] < width else t).transpose(1, 2)
                    for t in (q, k, v))
-        sparse = self.indexer is not None and not dense and T > self.indexer.topk
-        if not sparse:  # dense, or every earlier token is among the best index_topk
+        if self.indexer is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # Eq. 10
-            keep = torch.ones(T, T, dtype=torch.bool, device=x.device).tril_()
+            return self.o_proj(o[..., :dv].transpose(1, 2).flatten(2))
+        keep = torch.ones(T, T, dtype=torch.bool, device=x.device).tril_()
+        if dense or T <= self.indexer.topk:  # the warm-up, or every earlier token is among the best index_topk
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril_()
             with torch.no_grad():  # a selection: no gradient reaches the indexer through it
-                keep = self.indexer.select(self.indexer.scores(x, q_latent, rope, self.indexer.keys(x, rope)), causal)
+                keep = self.indexer.select(self.indexer.scores(x, q_latent, rope, self.indexer.keys(x, rope)), keep)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep.unsqueeze(1), scale=self.scale)
-        if index_losses is not None and self.indexer is not None:
+        if index_losses is not None:
             index_losses.append(self.index_kl(x, q_latent, rope, q, k, keep))
         return self.o_proj(o[..., :dv].transpose(1, 2).flatten(2))
 
