@@ -1,11 +1,11 @@
 """Decode time per token against context length, DeepSeek-V3.2's sparse attention (DSA) against dense MLA, on the
 same model: the `small` preset (V3's attention head shapes: latent 512 + RoPE key 64, 8 heads) with a 4-head indexer
 of V3.2's head size (128) choosing index_topk = 2,048 tokens per query (V3.2's number), so that the indexer costs a
-key what V3.2's does against its MLA (about 6%); random weights, float32, batch 1, eager. Each context's cache is filled with random latents (a decode step's time does not
-depend on their values), then one token is decoded at that context over and over (the median step), the two models
-taking turns (the best of two rounds each).
+key what V3.2's does against its MLA (about 6%); random weights, float32, batch 1, eager. Each context's cache is
+filled with random latents (a decode step's time does not depend on their values), then one token is decoded at that
+context over and over (the median step), the two models taking turns (the best of two rounds each).
 
-    .venv/bin/python benchmarks/dsa_decode.py [--contexts 1024 4096 16384 65536] [--threads 2] [--plot docs/dsa-decode.png]
+    .venv/bin/python benchmarks/dsa_decode.py [--contexts 1024 4096 16384 65536] [--plot docs/dsa-decode.png]
 
 Past index_topk, dense attention's work grows with the context and DSA's main attention does not (it reads 2,048
 entries); what still grows for DSA is the indexer's scoring of every cached key (index_n_heads x index_head_dim
@@ -59,9 +59,9 @@ def main() -> None:
     dense = leanseek.Transformer(cfg.replace(index_n_heads=0)).eval()
     dense.load_state_dict({k: v for k, v in sparse.state_dict().items() if ".indexer." not in k})
     kv = cfg.kv_cache_values_per_token()
-    print(f"# {cpu_model()}, {args.threads} threads, torch {torch.__version__}; {args.preset} + DSA, index_topk {args.topk}, "
-          f"{cfg.index_n_heads} indexer heads of {cfg.index_head_dim}; cache {kv['mla'] * 4} bytes a token with DSA "
-          f"(the indexer's key {kv['indexer'] * 4}), {(kv['mla'] - kv['indexer']) * 4} without")
+    print(f"# {cpu_model()}, {args.threads} threads, torch {torch.__version__}; {args.preset} + DSA, index_topk "
+          f"{args.topk}, {cfg.index_n_heads} indexer heads of {cfg.index_head_dim}; cache {kv['mla'] * 4} bytes a "
+          f"token with DSA (the indexer's key {kv['indexer'] * 4}), {(kv['mla'] - kv['indexer']) * 4} without")
     rows = []
     print(f"{'context':>8}  {'dense ms/token':>14}  {'DSA ms/token':>12}  {'dense / DSA':>11}")
     for context in args.contexts:

@@ -140,7 +140,8 @@ def test_v32_parity(case, tmp_path, quiet):
     assert loaded.cfg.index_topk == cfg.index_topk and loaded.cfg.model_type == "deepseek_v32"
     if cfg.num_nextn_predict_layers:  # the MTP module's own indexer round-trips through leanseek's files
         again = leanseek.load_hf(leanseek.save_hf(ours, tmp_path / "again"))
-        assert torch.equal(again.mtp[0].block.self_attn.indexer.wk.weight, ours.mtp[0].block.self_attn.indexer.wk.weight)
+        wk = [m.mtp[0].block.self_attn.indexer.wk.weight for m in (again, ours)]
+        assert torch.equal(*wk)
 
 
 def test_v32_parity_shorter_than_topk(tmp_path, quiet):

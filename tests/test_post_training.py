@@ -30,7 +30,8 @@ def base(tmp_path_factory):
 
 
 def sft(base, out, steps, init=None):
-    return [sys.executable, "-m", "leanseek", "sft", "--init", str(init or base / "base"), "--data", str(base / "chats.jsonl"),
+    return [sys.executable, "-m", "leanseek", "sft", "--init", str(init or base / "base"),
+            "--data", str(base / "chats.jsonl"),
             "--out", str(out), "--steps", str(steps), "--batch-size", "4", "--seq-len", "64", "--save-every", "3",
             "--eval-every", "3", "--eval-tokens", "256", "--peak-tflops", "1", "--threads", "1"]
 

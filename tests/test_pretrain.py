@@ -350,8 +350,8 @@ def test_sparse_attention_warm_up_then_sparse_training(data_dir, tmp_path):
                                                                "model.layers.0.self_attn.indexer.wk.weight"))
     assert "index" in json.loads((tmp_path / "sparse" / "metrics.jsonl").read_text().splitlines()[-1])
 
-    done = subprocess.run(command(data_dir, tmp_path / "wider", 3, "kv_lora_rank=32", "--init", str(tmp_path / "dense")),
-                          capture_output=True, text=True)
+    wider = command(data_dir, tmp_path / "wider", 3, "kv_lora_rank=32", "--init", str(tmp_path / "dense"))
+    done = subprocess.run(wider, capture_output=True, text=True)
     assert done.returncode == 2 and "would change shape or go" in done.stderr
     done = subprocess.run(command(data_dir, tmp_path / "no-indexer", 3, "--train", "indexer"), capture_output=True,
                           text=True)

@@ -400,8 +400,8 @@ def mtp_section(run: Run) -> str:
     rows = [[name, f"{v['rate']:.1%}" if v["rate"] is not None else "-", v["drafted"]] for name, v in a.items()]
     return ("## MTP\n\nThe multi-token-prediction module drafts the next token during greedy self-speculative "
             "decoding (`leanseek serve`'s engine with `speculative=True`); the main model accepts a draft when it "
-            "agrees. SFT trains the module with the model, or (where SFT leaves the MTP loss out) a stage after it trains "
-            "the module alone; GRPO trains the main model only. DeepSeek-V3 reports "
+            "agrees. SFT trains the module with the model, or (where SFT leaves the MTP loss out) a stage after it "
+            "trains the module alone; GRPO trains the main model only. DeepSeek-V3 reports "
             "85-90% acceptance at its scale.\n\n" + md_table(["model", "acceptance", "drafts"], rows))
 
 

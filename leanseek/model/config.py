@@ -203,6 +203,8 @@ class ModelConfig:
             fail("rms_norm_eps", "must be positive")
         if self.has_moe:
             self._validate_moe(fail)
+        if not isinstance(self.index_n_heads, int) or self.index_n_heads < 0:
+            fail("index_n_heads", "must be a non-negative integer (0: dense attention)")
         if self.sparse_attention:
             self._validate_indexer(fail)
         if self.rope_scaling is not None:
@@ -214,8 +216,6 @@ class ModelConfig:
                                   f"rope_scaling.beta_slow={rs['beta_slow']}")
 
     def _validate_indexer(self, fail) -> None:
-        if not isinstance(self.index_n_heads, int) or self.index_n_heads < 0:
-            fail("index_n_heads", "must be a non-negative integer (0: dense attention)")
         if self.q_lora_rank is None:
             fail("q_lora_rank", "must be set with sparse attention (index_n_heads > 0): the indexer's queries come "
                                 "from the compressed query latent")

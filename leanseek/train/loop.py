@@ -416,9 +416,12 @@ def run(args) -> dict:
     sampler = WindowSampler(corpus.train, args.seq_len, args.batch_size, args.seed, corpus.train_mask)
     val_x, val_y = eval_windows(corpus.val, args.seq_len, args.eval_tokens, corpus.val_mask)
     nbytes = token_bytes(corpus.tokenizer)
-    flops_per_token = {"mtp": lambda: cfg.mtp_training_flops_per_token(args.seq_len),
-                       "indexer": lambda: cfg.indexer_training_flops_per_token(args.seq_len, args.mtp_weight > 0),
-                       "all": lambda: cfg.flops_per_token(args.seq_len, include_mtp=args.mtp_weight > 0)}[args.train]()
+    if args.train == "mtp":
+        flops_per_token = cfg.mtp_training_flops_per_token(args.seq_len)
+    elif args.train == "indexer":
+        flops_per_token = cfg.indexer_training_flops_per_token(args.seq_len, args.mtp_weight > 0)
+    else:
+        flops_per_token = cfg.flops_per_token(args.seq_len, include_mtp=args.mtp_weight > 0)
     first = {}  # on the first line of a fresh run: the untrained model's and a unigram model's bits per byte
     if start == 0:
         first = {f"initial_{k}": v for k, v in evaluate(objective, val_x, val_y, nbytes, device, autocast).items()}
@@ -485,17 +488,13 @@ def prepare_model(args, tokenizer: TextTokenizer, resume: Path | None, place: Pl
         if not model.mtp or args.mtp_weight <= 0:
             raise ValueError("--train mtp: needs MTP modules (num_nextn_predict_layers > 0) and --mtp-weight > 0; "
                              f"this model has {len(model.mtp)} and --mtp-weight is {args.mtp_weight}")
-        model.requires_grad_(False)
-        model.mtp.requires_grad_(True)
+        learn_only(model, model.mtp)
     if args.train == "indexer":
         if not model.cfg.sparse_attention or args.indexer_weight <= 0:
             raise ValueError("--train indexer: needs a sparse-attention model (index_n_heads > 0) and "
                              f"--indexer-weight > 0; this model has index_n_heads={model.cfg.index_n_heads} and "
                              f"--indexer-weight is {args.indexer_weight}")
-        model.requires_grad_(False)
-        for module in model.modules():
-            if isinstance(module, Indexer):
-                module.requires_grad_(True)
+        learn_only(model, *(m for m in model.modules() if isinstance(m, Indexer)))
     objective = Objective(model, args.mtp_weight, args.balance_weight, args.indexer_weight,
                           dense=args.train == "indexer")
     if place.sharded:  # before the optimizer exists: sharding replaces the parameters
@@ -507,6 +506,13 @@ def prepare_model(args, tokenizer: TextTokenizer, resume: Path | None, place: Pl
         model.rotary.reset(place.device)
         load_model_shards(resume, model)
     return objective, wrap(objective, args, place)
+
+
+def learn_only(model: Transformer, *modules: nn.Module) -> None:
+    """Freeze every parameter of the model but those of `modules` (`--train mtp`, `--train indexer`)."""
+    model.requires_grad_(False)
+    for module in modules:
+        module.requires_grad_(True)
 
 
 def largest_over_ranks(value: int, place: Place) -> int:
