@@ -113,9 +113,11 @@ def test_grouped_path_syncs():
             _traced_whole(moe.experts, "grouped", routing.scores)(x, routing.weights, routing.indices)
 
 
-def test_expert_gradients_and_idle_experts():
-    """Gradients of the grouped expert kernel match autograd through the per-token definition, in float64;
-    an expert that received no tokens gets exactly zero gradient (it did no work)."""
+@pytest.mark.parametrize("limit", [0.0, 1.0])
+def test_expert_gradients_and_idle_experts(limit):
+    """Gradients of the grouped expert kernel match autograd through the per-token definition, in float64, also
+    with V4's clipped SwiGLU (limit 1: many pre-activations clipped); an expert that received no tokens gets
+    exactly zero gradient (it did no work)."""
     from leanseek.model.moe import _GroupedSwiGLU
 
     torch.manual_seed(0)
@@ -130,7 +132,7 @@ def test_expert_gradients_and_idle_experts():
     counts = flat.bincount(minlength=E).tolist()
 
     def grouped(x, w_gu, w_d, g):
-        return _GroupedSwiGLU.apply(x, w_gu, w_d, g.flatten()[order], order // K, counts)
+        return _GroupedSwiGLU.apply(x, w_gu, w_d, g.flatten()[order], order // K, counts, limit)
 
     assert torch.autograd.gradcheck(grouped, (x, w_gu, w_d, g))
     grouped(x, w_gu, w_d, g).sum().backward()

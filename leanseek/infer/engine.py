@@ -46,6 +46,7 @@ from tqdm import tqdm
 from ..model.moe import Experts
 from ..model.transformer import Transformer
 from .cache import LatentCache, blocks_for
+from .compressed_cache import CompressedCache
 from .constrain import Grammar, Matcher, mask_logits
 from .quantize import QuantExperts, is_quantized
 from .sampling import (SamplingParams, apply_penalties, batch_params, draw, probabilities, token_logprobs,
@@ -181,7 +182,13 @@ class Engine:
         if cache_tokens is not None and cache_tokens < self.max_len:
             raise ValueError(f"cache_tokens ({cache_tokens}) must hold at least one sequence of max_len "
                              f"({self.max_len}) tokens")
-        self.cache = LatentCache(self.cfg, max_batch, self.max_len, self.device, self.dtype, tokens=cache_tokens)
+        if self.cfg.v4:  # its decode state (compressed_cache.py) is per sequence, moves forward only, and eager
+            if compile:
+                raise ValueError("compile: DeepSeek-V4 models decode eagerly")
+            self.cache = CompressedCache(model, max_batch, self.max_len, self.device, self.dtype)
+            prefix_cache = False
+        else:
+            self.cache = LatentCache(self.cfg, max_batch, self.max_len, self.device, self.dtype, tokens=cache_tokens)
         self.prefix_cache = prefix_cache
         self.draft_cache: LatentCache | None = None  # the MTP module's own, made by the first speculative request
         # tokens through the model (prompt tokens prefilled, tokens generated), prompt tokens reused from the prefix
@@ -408,6 +415,9 @@ class Engine:
         if len(prompt) + p.max_new_tokens > self.max_len:
             raise ValueError(f"{name}: prompt ({len(prompt)} tokens) + max_new_tokens ({p.max_new_tokens}) "
                              f"exceeds the context of {self.max_len}")
+        if speculative and self.cfg.v4:
+            raise ValueError(f"{name}: speculative decoding is not available for DeepSeek-V4 models (their decode "
+                             "state cannot take back a rejected draft)")
         if speculative and not len(self.model.mtp):
             raise ValueError(f"{name}: speculative decoding drafts with an MTP module, and this model has none "
                              "(num_nextn_predict_layers=0)")

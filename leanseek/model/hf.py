@@ -1,8 +1,13 @@
-"""Hugging Face checkpoint interchange: `load_hf` reads a DeepseekV3/V2ForCausalLM folder, `save_hf` writes one.
+"""Hugging Face checkpoint interchange: `load_hf` reads a DeepseekV3/V2/V32/V4ForCausalLM folder, `save_hf` writes
+one.
 
 On disk (transformers' save_pretrained, DeepSeek's releases, vLLM and SGLang agree on it): config.json in DeepSeek's
 own form, safetensors under `model.`-prefixed names, one tensor set per routed expert, and MTP module k stored as
 decoder layer num_hidden_layers + k with its own copies of the embedding and output head.
+
+DeepSeek-V4 checkpoints keep DeepSeek's own names (`embed.weight`, `layers.0.attn.wq_a.weight`,
+`layers.0.ffn.experts.0.w1.weight`, `mtp.0.e_proj.weight`, ...), which transformers renames on load; leanseek writes
+them as the release does, and reads them, or transformers' save_pretrained variant of them.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from safetensors.torch import save_file
 
 from ..atomic import write_atomic, write_text_atomic
 from .config import ConfigError, ModelConfig
+from .dequant import dequantize
 from .transformer import Transformer
 
 INDEX = "model.safetensors.index.json"
@@ -45,9 +51,59 @@ def _hf_prefix(key: str, cfg: ModelConfig) -> tuple[str, str]:
     return "model.", key
 
 
+# leanseek's V4 names (transformers' DeepseekV4 modules) -> DeepSeek's, rewritten in this order
+_V4_NAMES = [(r"^(mtp\.\d+)\.block\.", r"\1."), (r"^embed_tokens\.", "embed."), (r"^lm_head\.", "head."),
+             (r"(^|\.)hc_head\.hc_(fn|base|scale)$", r"\1hc_head_\2"),
+             (r"\.(attn|ffn)_hc\.(fn|base|scale)$", r".hc_\1_\2"),
+             (r"\.input_layernorm\.", ".attn_norm."), (r"\.post_attention_layernorm\.", ".ffn_norm."),
+             (r"\.self_attn\.compressor\.indexer\.(q_b_proj|weights_proj)\.", r".attn.indexer.\1."),
+             (r"\.self_attn\.compressor\.indexer\.", ".attn.indexer.compressor."), (r"\.self_attn\.", ".attn."),
+             (r"\.mlp\.", ".ffn."), (r"\.shared_experts\.gate_proj\.", ".shared_experts.w1."),
+             (r"\.shared_experts\.up_proj\.", ".shared_experts.w3."),
+             (r"\.shared_experts\.down_proj\.", ".shared_experts.w2."),
+             (r"\.compressor\.kv_proj\.", ".compressor.wkv."), (r"\.compressor\.gate_proj\.", ".compressor.wgate."),
+             (r"\.compressor\.kv_norm\.", ".compressor.norm."), (r"\.compressor\.position_bias$", ".compressor.ape"),
+             (r"\.attn\.q_a_proj\.", ".attn.wq_a."), (r"\.attn\.q_a_norm\.", ".attn.q_norm."),
+             (r"\.q_b_proj\.", ".wq_b."), (r"\.attn\.kv_proj\.", ".attn.wkv."), (r"\.attn\.o_a_proj\.", ".attn.wo_a."),
+             (r"\.attn\.o_b_proj\.", ".attn.wo_b."), (r"\.attn\.sinks$", ".attn.attn_sink"),
+             (r"\.gate\.e_score_correction_bias$", ".gate.bias")]
+# transformers' save_pretrained writes some V4 names its own way; read as DeepSeek's
+_V4_SAVED = [(r"^model\.", ""), (r"^embed_tokens\.", "embed."), (r"^lm_head\.", "head."),
+             (r"^hc_head\.hc_(fn|base|scale)$", r"hc_head_\1"), (r"^(layers\.\d+\.attn)\.norm\.", r"\1.kv_norm.")]
+# DeepSeek keeps these in float32 whatever the weights' dtype
+_V4_FLOAT32 = re.compile(r".*(hc_\w+_(fn|base|scale)|hc_head_\w+|attn_sink|\.ape|gate\.bias)$")
+
+
+def _rename(name: str, rules: list[tuple[str, str]]) -> str:
+    for pattern, replacement in rules:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def _tensor_plan_v4(model: Transformer) -> Iterator[tuple[str, list[str], Callable, Callable]]:
+    """_tensor_plan for V4: DeepSeek's names, experts as w1 (gate), w3 (up), w2 (down) each."""
+    E, Ie = model.cfg.n_routed_experts, model.cfg.moe_intermediate_size
+    for key in model.state_dict():
+        if key == "lm_head.weight" and model.cfg.tie_word_embeddings:
+            continue
+        name = _rename(key, _V4_NAMES)
+        if name.endswith(".experts.gate_up_proj"):
+            base = name.removesuffix("gate_up_proj")
+            yield (key, [f"{base}{j}.{w}.weight" for j in range(E) for w in ("w1", "w3")],
+                   lambda t: [half for j in range(E) for half in (t[j, :Ie], t[j, Ie:])],
+                   lambda ts: torch.stack([torch.cat(ts[2 * j:2 * j + 2]) for j in range(E)]))
+        elif name.endswith(".experts.down_proj"):
+            yield key, [f"{name.removesuffix('down_proj')}{j}.w2.weight" for j in range(E)], list, torch.stack
+        else:
+            yield key, [name], lambda t: [t], lambda ts: ts[0]
+
+
 def _tensor_plan(model: Transformer) -> Iterator[tuple[str, list[str], Callable, Callable]]:
     """For each leanseek tensor: (key, HF names, split(tensor) -> HF tensors, join(HF tensors) -> tensor)."""
     cfg = model.cfg
+    if cfg.v4:
+        yield from _tensor_plan_v4(model)
+        return
     E, Ie = cfg.n_routed_experts, cfg.moe_intermediate_size
     for key in model.state_dict():
         if key == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -81,6 +137,11 @@ def _parse_size(size: int | str) -> int:
     return int(float(m[1]) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m[2]])
 
 
+def _keeps_float32(key: str, name: str) -> bool:
+    """The routing bias, and V4's mHC, sink and compressor position parameters, stay float32 on disk."""
+    return key.endswith("e_score_correction_bias") or bool(_V4_FLOAT32.fullmatch(name))
+
+
 def save_hf(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None,
             max_shard_size: int | str = "5GB") -> Path:
     """Write `model` as a Hugging Face DeepseekV3ForCausalLM (or V2) folder that transformers, vLLM and SGLang load.
@@ -91,10 +152,11 @@ def save_hf(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | No
     path.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
     # (HF name, leanseek key, split, part index, bytes); tensors are materialised shard by shard
-    entries = []
+    entries, names_of = [], {}
     for key, names, split, _ in _tensor_plan(model):
+        names_of[key] = names
         t = state[key]
-        itemsize = 4 if key.endswith("e_score_correction_bias") else (dtype or t.dtype).itemsize
+        itemsize = 4 if _keeps_float32(key, names[0]) else (dtype or t.dtype).itemsize
         entries += [(name, key, split, i, t.numel() // len(names) * itemsize) for i, name in enumerate(names)]
 
     views: dict[str, list[torch.Tensor]] = {}  # split once per tensor (views: no memory)
@@ -103,7 +165,7 @@ def save_hf(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | No
         if key not in views:
             views[key] = split(state[key].detach())
         t = views[key][i]
-        if key.endswith("e_score_correction_bias"):
+        if _keeps_float32(key, names_of[key][0]):
             t = t.float()
         elif dtype is not None and t.is_floating_point():
             t = t.to(dtype)
@@ -189,22 +251,56 @@ def _open_shards(path: Path) -> dict[str, object]:
     return handles
 
 
+def _scale_name(handles: dict, name: str) -> str | None:
+    """The scale of a quantised weight: `<name>_scale_inv` (V3's FP8) or `<module>.scale` (V4's FP8 and FP4)."""
+    for scale in (name + "_scale_inv", name.removesuffix(".weight") + ".scale"):
+        if scale != name and scale in handles:
+            return scale
+    return None
+
+
 def _read(handles: dict, name: str, block: tuple[int, int]) -> torch.Tensor:
     t = handles[name].get_tensor(name)
-    scale_name = name + "_scale_inv"
-    if scale_name in handles:  # DeepSeek's FP8 release: 128x128 blocks, each with its own inverse scale
-        scale = handles[scale_name].get_tensor(scale_name).float()
-        rows, cols = t.shape
-        scale = scale.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
-        t = t.float() * scale
+    if (scale := _scale_name(handles, name)) is not None:  # DeepSeek's FP8 / FP4 releases (dequant.py)
+        t = dequantize(t, handles[scale].get_tensor(scale), block)
+    elif t.dtype == torch.int32:  # DeepSeek's reference code declares the hash table int32
+        t = t.long()
     return t
+
+
+class _Renamed:
+    """A safetensors handle read under other names (V4 names as DeepSeek writes them)."""
+
+    def __init__(self, handle, names: dict[str, str]):
+        self.handle, self.names = handle, names
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self.handle.get_tensor(self.names[name])
+
+    def get_slice(self, name: str):
+        return self.handle.get_slice(self.names[name])
+
+
+def _stored_shape(handles: dict, name: str) -> tuple[int, ...]:
+    """A tensor's shape as the model holds it: packed FP4 holds two values a byte."""
+    view = handles[name].get_slice(name)
+    shape = tuple(view.get_shape())
+    if view.get_dtype() == "I8" and _scale_name(handles, name) is not None:
+        return shape[:-1] + (2 * shape[-1],)
+    return shape
 
 
 def _checked_plan(path: Path, cfg: ModelConfig) -> tuple[Transformer, dict, list, tuple[int, int]]:
     """The model built on the meta device, the open shards, the tensor plan and the FP8 block size, after checking
     that the folder holds exactly the tensors its config.json describes."""
     handles = _open_shards(path)
-    mtp_probe = f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight"
+    if cfg.v4:
+        renamed = {}
+        for stored, handle in handles.items():
+            name = _rename(stored, _V4_SAVED)
+            renamed.setdefault(id(handle), _Renamed(handle, {})).names[name] = stored
+        handles = {name: r for r in renamed.values() for name in r.names}
+    mtp_probe = "mtp.0.e_proj.weight" if cfg.v4 else f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight"
     if cfg.num_nextn_predict_layers and mtp_probe not in handles:
         # transformers writes num_nextn_predict_layers=1 by default, with no MTP weights behind it
         warnings.warn(f"{path}: config.json has num_nextn_predict_layers={cfg.num_nextn_predict_layers} but no "
@@ -219,14 +315,13 @@ def _checked_plan(path: Path, cfg: ModelConfig) -> tuple[Transformer, dict, list
         for name, part in zip(names, split(state[key])):
             expected[name] = tuple(part.shape)
     optional = {n for key, names, _, join in plan if join is None for n in names}  # MTP copies of embed/head
-    ignorable = re.compile(r".*(_scale_inv|rotary_emb\.inv_freq)$")
+    ignorable = re.compile(r".*(_scale_inv|\.scale|rotary_emb\.inv_freq)$")
     missing = [n for n in expected if n not in handles and n not in optional]
     # (transformers builds a zero-width shared expert when n_shared_experts=0, and saves it)
     unexpected = [n for n in handles if n not in expected and not ignorable.fullmatch(n)
                   and 0 not in handles[n].get_slice(n).get_shape()]
-    wrong = [f"{n} {tuple(handles[n].get_slice(n).get_shape())} (expected {shape})"
-             for n, shape in expected.items() if n in handles
-             and tuple(handles[n].get_slice(n).get_shape()) != shape]
+    wrong = [f"{n} {_stored_shape(handles, n)} (expected {shape})"
+             for n, shape in expected.items() if n in handles and _stored_shape(handles, n) != shape]
     if missing or unexpected or wrong:
         def listing(label: str, items: list[str]) -> str:
             more = f" ... and {len(items) - 8} more" if len(items) > 8 else ""
@@ -249,6 +344,9 @@ def _read_plan(handles: dict, plan: list, block: tuple[int, int], dtype: torch.d
         parts = [_read(handles, n, block) for n in names]
         t = join(parts) if len(parts) > 1 else parts[0]
         del parts  # a layer's experts are the largest tensors read: hold one copy of them at a time
+        if not t.is_floating_point():  # V4's hash table
+            yield key, t.to(device=device, dtype=torch.long)
+            continue
         yield key, t.to(device=device, dtype=torch.float32 if key.endswith("e_score_correction_bias") else dtype)
 
 
@@ -269,7 +367,7 @@ def load_hf_streamed(path: str | os.PathLike,
     model.load_state_dict(dict(_read_plan(handles, top, block, dtype, "cpu")), strict=False, assign=True)
     if model.cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model.rotary.reset("cpu")
+    model.reset_rotary("cpu")
 
     def layers() -> Iterator[torch.nn.Module]:
         for i, layer in enumerate(model.layers):
@@ -325,6 +423,6 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
             p.data = p.data.to(dtype)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model.rotary.reset(device)
+    model.reset_rotary(device)
     return model.eval()
 

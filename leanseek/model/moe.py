@@ -3,6 +3,10 @@
 V3 routes with sigmoid affinities and a per-expert correction bias that only steers *which* experts are chosen
 (auxiliary-loss-free balancing); the gating weights come from the unbiased affinities. V2 routes with a softmax.
 Both can limit each token to the best `topk_group` of `n_group` expert groups (node-limited routing).
+
+DeepSeek-V4 (report section 2.1) scores with sqrt(softplus) instead of the sigmoid, routes without groups, and routes
+its first layers by a fixed hash of the token id (a table tid2eid of K experts per vocabulary entry) instead of by
+score; its experts clip the SwiGLU's pre-activations to +-swiglu_limit (the gate from above only).
 """
 
 from dataclasses import dataclass
@@ -37,23 +41,56 @@ DISPATCH_MACS = 3_000_000
 ACCELERATOR_DENSE_TOKENS = 128
 
 
+def swiglu(h: torch.Tensor, limit: float = 0.0) -> torch.Tensor:
+    """silu(gate) * up for h = [gate | up] [..., 2 I]; with a limit, gate clipped from above and up to +-limit."""
+    gate, up = h.chunk(2, dim=-1)
+    if limit:
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return F.silu(gate) * up
+
+
 class Router(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hashed: bool = False):
         super().__init__()
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))  # centroids e_i
         # b_i of Eq. 16: a buffer (not trained by the optimizer), kept in float32; see leanseek.train.balance.
-        # V2's softmax routers have none.
-        bias = torch.zeros(cfg.n_routed_experts, dtype=torch.float32) if cfg.scoring_func == "sigmoid" else None
+        # V2's softmax routers and V4's hash routers have none.
+        biased = not hashed and (cfg.v4 or cfg.scoring_func == "sigmoid")
+        bias = torch.zeros(cfg.n_routed_experts, dtype=torch.float32) if biased else None
         self.register_buffer("e_score_correction_bias", bias)
+        # V4's hash routing: the experts of each token id, fixed (a buffer, saved with the weights)
+        table = torch.zeros(cfg.vocab_size, cfg.num_experts_per_tok, dtype=torch.long) if hashed else None
+        self.register_buffer("tid2eid", table)
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None) -> Routing:
         """x [N, d] -> Routing, in float32 throughout (logits, affinities, bias, gates), as DeepSeek and transformers
         compute them. Autocast is off here: it would run the logits' matmul in bf16, whose ~4e-3 steps on the
         affinities are coarser than the bias's 1e-3 updates (the V3 report, section 3.3, keeps gating in full
         precision)."""
         with torch.autocast(x.device.type, enabled=False):
+            if self.cfg.v4:
+                return self._route_v4(x.float(), input_ids)
             return self._route(x.float())
+
+    def _route_v4(self, x: torch.Tensor, input_ids: torch.Tensor | None) -> Routing:
+        """Scores by scoring_func (sqrt(softplus) in V4); experts by the hash table, or the top K biased scores;
+        gates the chosen scores, normalised, times routed_scaling_factor."""
+        cfg = self.cfg
+        logits = linear(x, self.weight.float())
+        if cfg.scoring_func == "sqrtsoftplus":
+            scores = F.softplus(logits).sqrt()
+        else:
+            scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(-1)
+        if self.tid2eid is not None:
+            if input_ids is None:
+                raise ValueError("a hash-routed MoE layer needs the token ids (input_ids)")
+            indices = self.tid2eid[input_ids.reshape(-1)]
+        else:
+            indices = (scores + self.e_score_correction_bias).topk(cfg.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, indices)
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return Routing(weights * cfg.routed_scaling_factor, indices, scores)
 
     def _route(self, x: torch.Tensor) -> Routing:
         cfg = self.cfg
@@ -103,18 +140,18 @@ class _GroupedSwiGLU(torch.autograd.Function):
     experts' rows at once measured slower."""
 
     @staticmethod
-    def forward(ctx, x, w_gate_up, w_down, weights, token, counts):
+    def forward(ctx, x, w_gate_up, w_down, weights, token, counts, limit):
         """x [N, d]; w_gate_up [E, 2Ie, d]; w_down [E, d, Ie]; weights, token [N*K] sorted by expert;
-        counts: tokens per expert (a list)."""
+        counts: tokens per expert (a list); limit: swiglu's clipping (0: none)."""
         Ie = w_down.shape[-1]
         out = torch.zeros_like(x)
         pre = x.new_empty(len(token), 2 * Ie)  # gate/up pre-activations, kept for the backward
         for e, rows in _expert_rows(counts):
             te = token[rows]
             h = torch.mm(x.index_select(0, te), w_gate_up[e].t(), out=pre[rows])
-            act = F.silu(h[:, :Ie]).mul_(h[:, Ie:]).mul_(weights[rows, None])
+            act = swiglu(h, limit).mul_(weights[rows, None])
             out.index_add_(0, te, act @ w_down[e].t())
-        ctx.counts = counts
+        ctx.counts, ctx.limit = counts, limit
         ctx.save_for_backward(x, w_gate_up, w_down, weights, token, pre)
         return out
 
@@ -132,6 +169,10 @@ class _GroupedSwiGLU(torch.autograd.Function):
         for e, rows in _expert_rows(ctx.counts):
             te = token[rows]
             gate, up, g = pre[rows, :Ie], pre[rows, Ie:], weights[rows, None]
+            if ctx.limit:  # clipped values pass no gradient
+                L = ctx.limit
+                gate_kept, up_kept = gate <= L, (up >= -L) & (up <= L)
+                gate, up = gate.clamp(max=L), up.clamp(-L, L)
             sig = torch.sigmoid(gate)
             silu = gate * sig
             act = silu * up  # before the gating weight
@@ -143,10 +184,13 @@ class _GroupedSwiGLU(torch.autograd.Function):
             torch.mul(g_act, silu, out=g_pre[rows, Ie:])
             # d silu(z)/dz = sigmoid(z) + silu(z) (1 - sigmoid(z)), computed in place
             torch.mul(g_act, up, out=g_pre[rows, :Ie]).mul_(torch.rsub(sig, 1).mul_(silu).add_(sig))
+            if ctx.limit:
+                g_pre[rows, :Ie] *= gate_kept
+                g_pre[rows, Ie:] *= up_kept
             xe = x.index_select(0, te)
             torch.mm(g_pre[rows].t(), xe, out=grad_gu[e])
             grad_x.index_add_(0, te, g_pre[rows] @ w_gate_up[e])
-        return grad_x, grad_gu, grad_down, grad_w, None, None
+        return grad_x, grad_gu, grad_down, grad_w, None, None, None
 
 
 def sort_by_expert(routing: Routing, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -184,7 +228,7 @@ class Experts(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         E, d, Ie = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.top_k = cfg.num_experts_per_tok
+        self.top_k, self.limit = cfg.num_experts_per_tok, cfg.swiglu_limit
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * Ie, d))
         self.down_proj = nn.Parameter(torch.empty(E, d, Ie))
 
@@ -219,7 +263,7 @@ class Experts(nn.Module):
     def _grouped(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         token, weights, counts = sort_by_expert(routing, self.gate_up_proj.shape[0])
         return _GroupedSwiGLU.apply(x, self.gate_up_proj.to(x.dtype), self.down_proj.to(x.dtype),
-                                    weights.to(x.dtype), token, counts)
+                                    weights.to(x.dtype), token, counts, self.limit)
 
     def _gathered(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Decoding a few tokens: a handful of operator calls instead of a pair of matmuls per expert."""
@@ -228,7 +272,7 @@ class Experts(nn.Module):
         flat = routing.indices.flatten()
         w_gate_up = self.gate_up_proj.index_select(0, flat).to(x.dtype).view(N, K, 2 * Ie, -1)
         h = torch.matmul(w_gate_up, x.view(N, 1, -1, 1)).view(N * K, 2 * Ie)
-        act = F.silu(h[:, :Ie]).mul_(h[:, Ie:]).mul_(routing.weights.view(-1, 1).to(x.dtype))
+        act = swiglu(h, self.limit).mul_(routing.weights.view(-1, 1).to(x.dtype))
         w_down = self.down_proj.index_select(0, flat).to(x.dtype)
         return torch.matmul(w_down, act.unsqueeze(-1)).view(N, K, -1).sum(1)
 
@@ -238,7 +282,7 @@ class Experts(nn.Module):
         E, d, Ie = self.down_proj.shape
         gates = x.new_zeros(N, E).scatter_(1, routing.indices, routing.weights.to(x.dtype))
         h = (x @ self.gate_up_proj.to(x.dtype).view(E * 2 * Ie, d).t()).view(N, E, 2 * Ie)
-        act = F.silu(h[..., :Ie]).mul_(h[..., Ie:]).mul_(gates[..., None])  # [N, E, Ie]
+        act = swiglu(h, self.limit).mul_(gates[..., None])  # [N, E, Ie]
         return torch.bmm(act.transpose(0, 1), self.down_proj.to(x.dtype).transpose(1, 2)).sum(0)
 
     def _padded(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -263,7 +307,7 @@ class Experts(nn.Module):
         expert = torch.searchsorted(ends, torch.arange(n_blocks, device=x.device) * block, right=True)
         expert = expert.clamp_max_(E - 1)
         h = torch.bmm(rows.view(n_blocks, block, d), self.gate_up_proj.index_select(0, expert).to(x.dtype).mT)
-        act = F.silu(h[..., :Ie]).mul_(h[..., Ie:])
+        act = swiglu(h, self.limit)
         y = torch.bmm(act, self.down_proj.index_select(0, expert).to(x.dtype).mT).view(-1, d)
         return (y.index_select(0, row).view(N, K, d) * routing.weights.to(x.dtype)[..., None]).sum(1)
 
@@ -271,16 +315,17 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     """h'_t = u_t + sum_i FFN^(s)_i(u_t) + sum_i g_{i,t} FFN^(r)_i(u_t) (Eq. 12; the residual u_t is the block's)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hashed: bool = False):
         super().__init__()
-        self.gate = Router(cfg)
+        self.gate = Router(cfg, hashed)
         self.experts = Experts(cfg)
-        self.shared_experts = (SwiGLU(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size)
-                               if cfg.n_shared_experts else None)
+        self.shared_experts = (SwiGLU(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size,
+                                      cfg.swiglu_limit) if cfg.n_shared_experts else None)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
+        """input_ids: the tokens behind x, which hash-routed layers (V4) route by."""
         flat = x.reshape(-1, x.shape[-1])
-        routing = self.gate(flat)
+        routing = self.gate(flat, input_ids)
         y = self.experts(flat, routing).view_as(x)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

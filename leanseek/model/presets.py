@@ -3,6 +3,18 @@
 _YARN_V3 = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
             "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
 
+_CSA, _HCA, _SWA = "compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"
+# DeepSeek-V4's shared shape (the released config.json files): one 512-wide KV head with a 64-dim RoPE tail, the
+# first 3 layers hash-routed, sqrt(softplus) routing over 256+ experts, YaRN only on the compressed branches
+_V4 = dict(
+    vocab_size=129280, head_dim=512, qk_rope_head_dim=64, sliding_window=128, num_experts_per_tok=6,
+    n_shared_experts=1, scoring_func="sqrtsoftplus", swiglu_limit=10.0, hc_mult=4, hc_sinkhorn_iters=20,
+    hc_eps=1e-6, index_n_heads=64, index_head_dim=128, o_lora_rank=1024, rope_theta=10000.0,
+    compress_rope_theta=160000.0, max_position_embeddings=1048576, num_nextn_predict_layers=1,
+    rope_scaling={"type": "yarn", "factor": 16.0, "original_max_position_embeddings": 65536,
+                  "beta_fast": 32.0, "beta_slow": 1.0},
+)
+
 _TINY = dict(
     vocab_size=4096, hidden_size=256, intermediate_size=320, moe_intermediate_size=64,
     num_hidden_layers=4, num_attention_heads=4, q_lora_rank=128, kv_lora_rank=64,
@@ -30,6 +42,19 @@ PRESETS: dict[str, dict] = {
     # tiny with DeepSeek-V3.2's sparse attention: each query attends to the 64 tokens a 4-head indexer picks, so a
     # quarter of a 256-token pretraining window (V3.2: 2,048 of 128K).
     "tiny-dsa": dict(_TINY, index_n_heads=4, index_head_dim=32, index_topk=64),
+    # tiny's widths with DeepSeek-V4's architecture: one KV head of 64 (RoPE on 16 of it), 64-token windows; a
+    # sliding-window layer, then CSA (every 4 tokens compressed, a query reads the 16 entries of 64 its indexer
+    # picks at 256 tokens: a quarter, as tiny-dsa) and HCA (every 16) alternating; the first layer hash-routed;
+    # 4 residual streams.
+    "tiny-v4": dict(
+        vocab_size=4096, hidden_size=256, moe_intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        head_dim=64, qk_rope_head_dim=16, q_lora_rank=128, o_groups=2, o_lora_rank=64, sliding_window=64,
+        layer_types=[_SWA, _CSA, _HCA, _CSA], compress_rates={_CSA: 4, _HCA: 16},
+        mlp_layer_types=["hash_moe", "moe", "moe", "moe"], n_routed_experts=16, n_shared_experts=1,
+        num_experts_per_tok=4, scoring_func="sqrtsoftplus", routed_scaling_factor=1.5, swiglu_limit=10.0,
+        index_n_heads=4, index_head_dim=32, index_topk=16, hc_mult=4, hc_sinkhorn_iters=20,
+        max_position_embeddings=1024, num_nextn_predict_layers=1,
+    ),
     # ~99M parameters, 61M active: one GPU. tiny's proportions, except attention: the GPU presets take V3's own
     # head shapes (latent 512, RoPE key 64, 128 + 64 query/key and 128 value dims per head), the only ones the
     # fast MLA decode kernels serve (FlashMLA, FlashInfer/TRT-LLM and CUTLASS MLA; vLLM accepts no other latent
@@ -61,6 +86,20 @@ PRESETS: dict[str, dict] = {
     "deepseek-v3.2": dict(
         rope_scaling=_YARN_V3, max_position_embeddings=163840, num_nextn_predict_layers=1,
         index_n_heads=64, index_head_dim=128, index_topk=2048,
+    ),
+    # DeepSeek-V4-Flash (284B total, 13B active without the embedding): 43 layers, 2 sliding-window only, then CSA
+    # and HCA alternating; 64 query heads; experts of 2048.
+    "deepseek-v4-flash": dict(
+        _V4, hidden_size=4096, num_hidden_layers=43, num_attention_heads=64, q_lora_rank=1024, o_groups=8,
+        moe_intermediate_size=2048, n_routed_experts=256, routed_scaling_factor=1.5, index_topk=512,
+        layer_types=[_SWA] * 2 + [_CSA, _HCA] * 20 + [_CSA], mlp_layer_types=["hash_moe"] * 3 + ["moe"] * 40,
+    ),
+    # DeepSeek-V4-Pro (1.6T total, 49B active without the embedding): 61 layers, 2 HCA, then CSA and HCA
+    # alternating; 128 query heads; 384 experts of 3072.
+    "deepseek-v4-pro": dict(
+        _V4, hidden_size=7168, num_hidden_layers=61, num_attention_heads=128, q_lora_rank=1536, o_groups=16,
+        moe_intermediate_size=3072, n_routed_experts=384, routed_scaling_factor=2.5, index_topk=1024,
+        layer_types=[_HCA] * 2 + [_CSA, _HCA] * 29 + [_CSA], mlp_layer_types=["hash_moe"] * 3 + ["moe"] * 58,
     ),
     # DeepSeek-V2-Lite (15.7B total, 2.4B active): softmax routing, no query compression.
     "deepseek-v2-lite": dict(

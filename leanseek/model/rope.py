@@ -13,11 +13,19 @@ from torch import nn
 from .config import ModelConfig, yarn_mscale
 
 
-def yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+def rope_setting(cfg: ModelConfig, kind: str = "main") -> tuple[float, dict | None]:
+    """(base, YaRN settings) of a RoPE. DeepSeek-V4 has two: "main" for its sliding-window layers (rope_theta, never
+    YaRN-scaled) and "compress" for the layers with compressed branches (compress_rope_theta, rope_scaling)."""
+    if kind == "compress":
+        return cfg.compress_rope_theta, cfg.rope_scaling
+    return cfg.rope_theta, None if cfg.v4 else cfg.rope_scaling
+
+
+def yarn_inv_freq(cfg: ModelConfig, kind: str = "main") -> torch.Tensor:
     """Inverse frequencies [qk_rope_head_dim/2], YaRN-blended when rope_scaling is set (V3 report section 4.3)."""
-    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    dim = cfg.qk_rope_head_dim
+    base, rs = rope_setting(cfg, kind)
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
-    rs = cfg.rope_scaling
     if rs is None:
         return inv_freq
 
@@ -34,7 +42,10 @@ def yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 def softmax_scale(cfg: ModelConfig) -> float:
-    """1/sqrt(qk_head_dim), times YaRN's temperature t = mscale^2 on the whole logit (not only the rope part)."""
+    """1/sqrt(qk_head_dim), times YaRN's temperature t = mscale^2 on the whole logit (not only the rope part).
+    DeepSeek-V4: 1/sqrt(head_dim), with no YaRN temperature (its reference code applies none)."""
+    if cfg.v4:
+        return cfg.head_dim ** -0.5
     scale = cfg.qk_head_dim ** -0.5
     if cfg.rope_scaling is not None:
         scale *= yarn_mscale(cfg.rope_scaling["factor"], cfg.rope_scaling["mscale_all_dim"]) ** 2
@@ -42,17 +53,18 @@ def softmax_scale(cfg: ModelConfig) -> float:
 
 
 class Rotary(nn.Module):
-    """Produces the rotations e^{i p theta_j} [..., T, dr/2] (complex64) for given positions p."""
+    """Produces the rotations e^{i p theta_j} [..., T, dr/2] (complex64) for given positions p. kind: see
+    rope_setting."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kind: str = "main"):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.kind = cfg, kind
         # computed on the CPU, then moved to the ambient default device (a torch.device(...) context, meta included)
-        self.register_buffer("inv_freq", yarn_inv_freq(cfg).to(torch.empty(0).device), persistent=False)
+        self.register_buffer("inv_freq", yarn_inv_freq(cfg, kind).to(torch.empty(0).device), persistent=False)
 
     def reset(self, device: torch.device | str | None = None) -> None:
         """Recompute the buffer, e.g. after the model was built on the meta device."""
-        self.inv_freq = yarn_inv_freq(self.cfg).to(device)
+        self.inv_freq = yarn_inv_freq(self.cfg, self.kind).to(device)
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         angles = positions.float()[..., None] * self.inv_freq
@@ -82,3 +94,18 @@ def apply_rope_halves(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     paired = x.unflatten(-1, (2, half)).transpose(-1, -2).flatten(-2)
     return apply_rope(paired, rotation).unflatten(-1, (half, 2)).transpose(-1, -2).flatten(-2)
+
+
+def inverse(rotation: torch.Tensor) -> torch.Tensor:
+    """The opposite rotation (position -p), in either form Rotary produces."""
+    if rotation.is_complex():
+        return rotation.conj()
+    cos, sin = rotation.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([cos, -sin], dim=-1).flatten(-2)
+
+
+def rope_tail(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """RoPE on the trailing dims of x [..., D] (as many as `rotation` rotates), the rest unchanged: DeepSeek-V4
+    lays each head out as [no position | position] (interleaved pairs, as V3)."""
+    dr = 2 * rotation.shape[-1] if rotation.is_complex() else rotation.shape[-1]
+    return torch.cat([x[..., :-dr], apply_rope(x[..., -dr:], rotation)], dim=-1)

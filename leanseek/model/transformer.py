@@ -1,15 +1,17 @@
-"""The DeepSeek-V3 language model: embedding, decoder blocks, final norm, output head, and the MTP modules."""
+"""The DeepSeek-V3 language model: embedding, decoder blocks, final norm, output head, and the MTP modules; and
+DeepSeek-V4's, whose blocks carry hc_mult residual streams that a hyper head collapses before the final norm."""
 
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .block import Block
+from .block import Block, HyperBlock
 from .config import ModelConfig
+from .hyper import HyperHead
 from .linear import Linear
 from .moe import MoE, Router, Routing
-from .mtp import MTPModule
+from .mtp import HyperMTPModule, MTPModule
 from .norm import RMSNorm
 from .rope import Rotary
 
@@ -25,10 +27,11 @@ class TrainOutput:
 
 
 class Transformer(nn.Module):
-    """A DeepSeek-V3 (or V2) causal language model.
+    """A DeepSeek-V3 (or V2, V3.2, V4) causal language model.
 
-    Module names follow transformers' DeepseekV3ForCausalLM, less its `model.` prefix, so state-dict keys map to
-    checkpoint names directly (routed experts are stacked here and split per expert on disk)."""
+    Module names follow transformers' DeepseekV3ForCausalLM (DeepseekV4ForCausalLM), less its `model.` prefix, so
+    state-dict keys map to checkpoint names directly (routed experts are stacked here and split per expert on
+    disk; V4 checkpoints use DeepSeek's own names, see hf.py)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -37,31 +40,50 @@ class Transformer(nn.Module):
         # would import the compiler stack and cost a second on every load_hf
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
                                          _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
-        self.layers = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.num_hidden_layers))
+        if cfg.v4:
+            self.layers = nn.ModuleList(HyperBlock(cfg, kind, mlp == "hash_moe")
+                                        for kind, mlp in zip(cfg.layer_types, cfg.mlp_layer_types))
+            self.hc_head = HyperHead(cfg)
+            self.compress_rotary = Rotary(cfg, "compress")
+        else:
+            self.layers = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.num_nextn_predict_layers))
+        self.mtp = nn.ModuleList((HyperMTPModule if cfg.v4 else MTPModule)(cfg)
+                                 for _ in range(cfg.num_nextn_predict_layers))
         self.rotary = Rotary(cfg)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, initializer_range) for every matrix, ones for norms, zeros for the routing bias."""
+        """Normal(0, initializer_range) for every matrix, ones for norms, zeros for the routing bias. V4: zeros for
+        the sinks, the compressors' position biases and the mHC biases, ones for the mHC scales, and a random hash
+        table (K distinct experts per token id)."""
         std = self.cfg.initializer_range
         for name, p in self.named_parameters():
             if p.device.type == "meta":
                 continue
-            if name.endswith("norm.weight"):
+            leaf = name.rsplit(".", 1)[-1]
+            if name.endswith("norm.weight") or leaf in ("scale", "hc_scale"):
                 p.fill_(1.0)
-            elif name.endswith("norm.bias"):  # the indexer's LayerNorm
+            elif name.endswith("norm.bias") or leaf in ("sinks", "position_bias", "base", "hc_base"):
                 p.zero_()
             else:
                 p.normal_(0.0, std)
         for r in self.routers():
-            if r.e_score_correction_bias is not None:
+            if r.e_score_correction_bias is not None and r.e_score_correction_bias.device.type != "meta":
                 r.e_score_correction_bias.zero_()
+            if r.tid2eid is not None and r.tid2eid.device.type != "meta":
+                E, K = r.weight.shape[0], r.tid2eid.shape[1]
+                r.tid2eid.copy_(torch.rand(r.tid2eid.shape[0], E).argsort(-1)[:, :K])
+
+    def reset_rotary(self, device: torch.device | str) -> None:
+        """Recompute the RoPE frequencies on `device` (after building on the meta device)."""
+        for module in self.modules():
+            if isinstance(module, Rotary):
+                module.reset(device)
 
     def routers(self, mtp: bool = True) -> list[Router]:
         """Every MoE router: main layers first, then (when mtp) the MTP modules'."""
@@ -72,6 +94,9 @@ class Transformer(nn.Module):
         """input_ids [B, T] -> final-normed hidden states [B, T, d], the routing of each MoE layer, and the RoPE
         rotations [T, dr/2] of positions 0..T-1. attend(rope): a Block `attend` for every layer (see
         forward_train)."""
+        if self.cfg.v4:
+            streams, routing, rope = self._streams(input_ids)
+            return self.norm(self.hc_head(streams)), routing, rope
         x = self.embed_tokens(input_ids)
         rope = self.rotary(torch.arange(input_ids.shape[1], device=input_ids.device))
         routing = []
@@ -80,6 +105,19 @@ class Transformer(nn.Module):
             if r is not None:
                 routing.append(r)
         return self.norm(x), routing, rope
+
+    def _streams(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[Routing], dict[str, torch.Tensor]]:
+        """V4: the last layer's residual streams [B, T, n, d] (the embedding copied into each at the start), every
+        layer's routing, and the rotations of positions 0..T-1 by kind."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        rope = {"main": self.rotary(positions), "compress": self.compress_rotary(positions)}
+        x = self.embed_tokens(input_ids)
+        streams = x.unsqueeze(-2).expand(*x.shape[:-1], self.cfg.hc_mult, x.shape[-1])
+        routing = []
+        for layer in self.layers:
+            streams, r = layer(streams, rope, input_ids)
+            routing.append(r)
+        return streams, routing, rope
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab_size] (the main head only)."""
@@ -91,6 +129,13 @@ class Transformer(nn.Module):
         gives (a leanseek.infer.cache.CacheStep); their latents are written to the cache and attention runs in
         the absorbed form over it. Returns the final-normed hidden states [B, T, d]: lm_head gives the logits, and
         MTP drafts from them."""
+        if self.cfg.v4:  # at: a leanseek.infer.compressed_cache.CompressedStep
+            rope = {"main": self.rotary(at.positions), "compress": self.compress_rotary(at.positions)}
+            x = self.embed_tokens(input_ids)
+            streams = x.unsqueeze(-2).expand(*x.shape[:-1], self.cfg.hc_mult, x.shape[-1])
+            for i, layer in enumerate(self.layers):
+                streams, _ = layer(streams, rope, input_ids, at.attend(i))
+            return self.norm(self.hc_head(streams))
         rope = self.rotary(at.positions)
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
@@ -111,6 +156,8 @@ class Transformer(nn.Module):
         """Main hidden states plus, when mtp, each MTP depth's (Eqs. 21-23), and every router's decision. With
         sparse attention, index_losses (a list) collects every layer's indexer loss (MLA.index_kl), and dense
         attends densely (the indexer's warm-up)."""
+        if self.cfg.v4:
+            return self._forward_train_v4(input_ids, mtp)
         attend = ((lambda rope: lambda attn, h: attn(h, rope, index_losses, dense))
                   if self.cfg.sparse_attention and (index_losses is not None or dense) else None)
         h, routing, rope = self.hidden(input_ids, attend)
@@ -124,6 +171,22 @@ class Transformer(nn.Module):
             # depth k pairs the depth-(k-1) state at position i with the embedding of token i+k
             h, normed, r = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), rope[: T - k],
                                   None if attend is None else attend(rope[: T - k]))
+            out.mtp_hidden.append(normed)
+            out.routing.append(r)
+        return out
+
+    def _forward_train_v4(self, input_ids: torch.Tensor, mtp: bool) -> TrainOutput:
+        """forward_train for V4: each MTP depth continues the previous depth's residual streams (the main model's
+        before its hyper head)."""
+        streams, routing, rope = self._streams(input_ids)
+        out = TrainOutput(self.norm(self.hc_head(streams)), routing=routing)
+        T = input_ids.shape[1]
+        for k, module in enumerate(self.mtp if mtp else [], start=1):
+            if T - k <= 0:
+                break
+            rope_k = {kind: r[: T - k] for kind, r in rope.items()}
+            streams, normed, r = module(streams[:, : T - k], self.embed_tokens(input_ids[:, k:]), rope_k,
+                                        input_ids[:, k:])
             out.mtp_hidden.append(normed)
             out.routing.append(r)
         return out

@@ -26,6 +26,8 @@ def update_correction_bias(routers: list[Router], load: torch.Tensor, gamma: flo
     if load.shape[0] != len(routers):
         raise ValueError(f"load has {load.shape[0]} rows but there are {len(routers)} routers")
     for router, row in zip(routers, load.to(torch.float32)):
+        if router.tid2eid is not None:  # V4's hash routing: the table fixes the load, there is nothing to steer
+            continue
         bias = router.e_score_correction_bias
         if bias is None:
             raise ValueError("auxiliary-loss-free balancing needs V3's sigmoid router (scoring_func='sigmoid'); "

@@ -503,7 +503,7 @@ def prepare_model(args, tokenizer: TextTokenizer, resume: Path | None, place: Pl
         from .sharded import load_model_shards  # here: torch.distributed.checkpoint is slow to import
 
         objective.to_empty(device=place.device)
-        model.rotary.reset(place.device)
+        model.reset_rotary(place.device)
         load_model_shards(resume, model)
     return objective, wrap(objective, args, place)
 

@@ -72,5 +72,5 @@ def read_sharded_model(checkpoint: Path, cfg: ModelConfig, dtype: torch.dtype,
                                    else dtype) for k, v in state.items()}, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model.rotary.reset(device)
+    model.reset_rotary(device)
     return model.eval()
