@@ -356,3 +356,44 @@ def test_sparse_attention_warm_up_then_sparse_training(data_dir, tmp_path):
     done = subprocess.run(command(data_dir, tmp_path / "no-indexer", 3, "--train", "indexer"), capture_output=True,
                           text=True)
     assert done.returncode == 2 and "--train indexer: needs a sparse-attention model" in done.stderr
+
+
+V4_MICRO = ["hidden_size=64", "moe_intermediate_size=16", "num_attention_heads=2", "head_dim=16", "qk_rope_head_dim=8",
+            "q_lora_rank=32", "o_groups=2", "o_lora_rank=16", "sliding_window=8", "n_routed_experts=8",
+            "num_experts_per_tok=2", "hc_mult=2", "index_n_heads=2", "index_head_dim=16", "index_topk=2",
+            'compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8}']
+
+
+def test_v4_pretrains_resumes_exactly_and_counts_its_flops(data_dir, tmp_path):
+    """A DeepSeek-V4 model (`--preset tiny-v4`, shrunk: a sliding-window, a CSA and an HCA layer at 32 tokens, hash
+    routing first) trains on the corpus: a run resumed from its step-3 checkpoint reproduces the straight run bit for
+    bit, the CSA indexer's loss is logged, and the cost ledger counts V4's FLOPs (its compressed branches and
+    indexer included)."""
+    import leanseek
+
+    def v4(out, steps):
+        cmd = command(data_dir, out, steps)
+        return cmd[: cmd.index("--set")] + ["--warmup-steps", "2", "--decay-frac", "0", "--preset", "tiny-v4",
+                                            "--set", "num_hidden_layers=3", 'layer_types=["sliding_attention", '
+                                            '"compressed_sparse_attention", "heavily_compressed_attention"]',
+                                            'mlp_layer_types=["hash_moe", "moe", "moe"]', *V4_MICRO]
+
+    run(v4(tmp_path / "straight", 6))
+    run(v4(tmp_path / "resumed", 3))
+    run(v4(tmp_path / "resumed", 6))
+    # (the 3-step run also validated at its last step)
+    assert ({s: loss for s, (loss, _) in losses(tmp_path / "resumed").items()}
+            == {s: loss for s, (loss, _) in losses(tmp_path / "straight").items()})
+    assert weights(tmp_path / "resumed").keys() == weights(tmp_path / "straight").keys()
+    assert all(torch.equal(a, b) for a, b in zip(weights(tmp_path / "resumed").values(),
+                                                  weights(tmp_path / "straight").values()))
+    line = json.loads((tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert line["index"] > 0
+    cfg = leanseek.load_hf(tmp_path / "straight" / "latest").cfg
+    assert cfg.v4 and cfg.layer_types[1] == "compressed_sparse_attention"
+    cost = json.loads((tmp_path / "straight" / "cost.json").read_text())
+    assert cost["flops"] == pytest.approx(cfg.flops_per_token(32) * 6 * 4 * 32)
+    # the ledger's attention term: 2 heads x (window 8 + 8 entries picked of 8 at 32 tokens / 4) x 2 x 16, plus the
+    # indexer's 2 heads x 16 over the 8 CSA entries, plus HCA's window 8 + 4 entries; and the MTP's sliding window
+    sliding, csa, hca = (cfg._v4_attention_flops(t, 32) for t in cfg.layer_types)
+    assert (sliding, csa, hca) == (6 * 2 * 32 * 8, 6 * 2 * 32 * (8 + 2) + 6 * 2 * 16 * 8, 6 * 2 * 32 * (8 + 4))

@@ -224,7 +224,11 @@ class Engine:
 
     def memory_report(self) -> dict[str, float]:
         """The latent cache against what standard multi-head attention with the same heads and head sizes would
-        cache (every head's key and value), per token and for the engine's max_batch x max_len."""
+        cache (every head's key and value), per token and for the engine's max_batch x max_len. V4: what its
+        compressed decode state grows by per token, and holds for max_batch sequences of max_len."""
+        if self.cfg.v4:
+            return {"bytes_per_token": self.cache.bytes_per_token(),
+                    "cache_bytes": self.cfg.kv_cache_values(self.max_len) * self.dtype.itemsize * self.max_batch}
         values = self.cfg.kv_cache_values_per_token()
         size = self.cache.kv.element_size()
         tokens = self.cache.capacity

@@ -249,6 +249,11 @@ class ModelConfig:
         return self.index_n_heads > 0 and not self.v4
 
     @property
+    def has_indexer(self) -> bool:
+        """A lightning indexer picks what attention reads: V3.2's tokens, or V4's compressed entries (CSA)."""
+        return self.sparse_attention or (self.v4 and "compressed_sparse_attention" in self.layer_types)
+
+    @property
     def v4(self) -> bool:
         """A DeepSeek-V4 model (hybrid compressed attention, mHC, hash routing)."""
         return self.layer_types is not None
@@ -567,6 +572,24 @@ class ModelConfig:
         layers = self.num_hidden_layers + (self.num_nextn_predict_layers if include_mtp else 0)
         indexers = 6 * layers * (self._indexer_params() + self.index_n_heads * self.index_head_dim * seq_len)
         return dense.flops_per_token(seq_len, include_mtp) / 3 + indexers
+
+    def kv_cache_values(self, context: int) -> int:
+        """Values one sequence's decode cache holds at `context` tokens (the main model's layers). MLA: the latent
+        and RoPE key of every position in every layer (and V3.2's indexer key). V4 (leanseek.infer.compressed_cache):
+        per layer the sliding window's keys, the compressed entries (and CSA's indexer keys), and each compressor's
+        pending input (the values and gates of its last 2 x rate tokens)."""
+        if not self.v4:
+            return self.kv_cache_values_per_token()["mla"] * context
+        values = 0
+        for kind in self.layer_types:
+            values += min(context, self.sliding_window) * self.head_dim
+            if kind == "sliding_attention":
+                continue
+            rate, overlap = self.compress_rates[kind], kind == "compressed_sparse_attention"
+            entries = [(self.head_dim, 2 if overlap else 1)] + ([(self.index_head_dim, 2)] if overlap else [])
+            for width, series in entries:
+                values += context // rate * width + 2 * (2 * rate) * series * width
+        return values
 
     def kv_cache_values_per_token(self) -> dict[str, int]:
         """Values cached per token: MLA's latent + rope key (and, with sparse attention, the indexer's key), against

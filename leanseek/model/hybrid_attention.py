@@ -62,9 +62,9 @@ class HybridAttention(nn.Module):
         """x [B, T, d] -> the shared key-value head [B, T, D], RoPE on its last dims."""
         return rope_tail(self.kv_norm(self.kv_proj(x)), rope)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, index_losses: list | None = None) -> torch.Tensor:
         """Causal attention over x [B, T, d] (positions 0 .. T-1) -> [B, T, d]. rope: this layer's rotations of
-        those positions (rope_kind)."""
+        those positions (rope_kind). index_losses, when given, gets a CSA layer's indexer loss (index_kl)."""
         B, T, _ = x.shape
         q, q_latent = self.queries(x, rope)
         kv = self.keys(x, rope)
@@ -79,9 +79,30 @@ class HybridAttention(nn.Module):
                 keys = indexer(x, rope)
                 with torch.no_grad():  # a selection: no gradient reaches the indexer through it
                     allowed_c = indexer.select(indexer.scores(x, q_latent, rope, keys), allowed_c)
+                if index_losses is not None:
+                    index_losses.append(self.index_kl(x, q_latent, rope, q, entries, allowed_c))
             kv = torch.cat([kv, entries], dim=1)
             allowed = torch.cat([allowed, allowed_c], dim=-1)
         return self.output(self.attend(q, kv, allowed), rope)
+
+    def index_kl(self, x: torch.Tensor, q_latent: torch.Tensor, rope: torch.Tensor, q: torch.Tensor,
+                 entries: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """CSA's indexer loss, as DeepSeek-V3.2's (its report, section 2.2) over compressed entries: per query,
+        KL(p || softmax(I)) over the entries it attends (`chosen` [B, T, W]), p being this attention's
+        probabilities among those entries summed over heads and L1-normalised. The indexer's inputs are detached:
+        the loss trains the indexer only, which the language-model loss cannot reach (its choice is a top-k).
+        Returns the mean over the queries that attend any entry."""
+        B, T, H, D = q.shape
+        reads = chosen.any(-1)  # [B, T]: queries before the first complete window attend no entry
+        with torch.no_grad():
+            logits = matmul(q.reshape(B, T * H, D), entries.transpose(1, 2)).view(B, T, H, -1).float() * self.scale
+            p = logits.masked_fill(~chosen.unsqueeze(2), float("-inf")).softmax(-1).nan_to_num_(0.0).sum(2)
+            p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+        indexer, x = self.compressor.indexer, x.detach()
+        scores = indexer.scores(x, q_latent.detach(), rope, indexer(x, rope))
+        log_q = scores.masked_fill(~chosen, float("-inf")).log_softmax(-1)
+        kl = torch.where(chosen & (p > 0), p * (p.clamp_min(1e-30).log() - log_q), 0.0).sum(-1)
+        return kl[reads].mean() if reads.any() else kl.sum() * 0.0
 
     def attend(self, q: torch.Tensor, kv: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """softmax over [sink; allowed keys] of q . k: queries q [B, T, H, D] against the shared head kv [B, S, D],

@@ -106,16 +106,18 @@ class Transformer(nn.Module):
                 routing.append(r)
         return self.norm(x), routing, rope
 
-    def _streams(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[Routing], dict[str, torch.Tensor]]:
+    def _streams(self, input_ids: torch.Tensor,
+                 attend=None) -> tuple[torch.Tensor, list[Routing], dict[str, torch.Tensor]]:
         """V4: the last layer's residual streams [B, T, n, d] (the embedding copied into each at the start), every
-        layer's routing, and the rotations of positions 0..T-1 by kind."""
+        layer's routing, and the rotations of positions 0..T-1 by kind. attend: as HyperBlock's, for every
+        layer."""
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         rope = {"main": self.rotary(positions), "compress": self.compress_rotary(positions)}
         x = self.embed_tokens(input_ids)
         streams = x.unsqueeze(-2).expand(*x.shape[:-1], self.cfg.hc_mult, x.shape[-1])
         routing = []
         for layer in self.layers:
-            streams, r = layer(streams, rope, input_ids)
+            streams, r = layer(streams, rope, input_ids, attend)
             routing.append(r)
         return streams, routing, rope
 
@@ -157,7 +159,7 @@ class Transformer(nn.Module):
         sparse attention, index_losses (a list) collects every layer's indexer loss (MLA.index_kl), and dense
         attends densely (the indexer's warm-up)."""
         if self.cfg.v4:
-            return self._forward_train_v4(input_ids, mtp)
+            return self._forward_train_v4(input_ids, mtp, index_losses)
         attend = ((lambda rope: lambda attn, h: attn(h, rope, index_losses, dense))
                   if self.cfg.sparse_attention and (index_losses is not None or dense) else None)
         h, routing, rope = self.hidden(input_ids, attend)
@@ -175,10 +177,11 @@ class Transformer(nn.Module):
             out.routing.append(r)
         return out
 
-    def _forward_train_v4(self, input_ids: torch.Tensor, mtp: bool) -> TrainOutput:
+    def _forward_train_v4(self, input_ids: torch.Tensor, mtp: bool, index_losses: list | None) -> TrainOutput:
         """forward_train for V4: each MTP depth continues the previous depth's residual streams (the main model's
-        before its hyper head)."""
-        streams, routing, rope = self._streams(input_ids)
+        before its hyper head); index_losses collects the CSA layers' indexer losses (HybridAttention.index_kl)."""
+        attend = None if index_losses is None else lambda attn, h, rope: attn(h, rope, index_losses)
+        streams, routing, rope = self._streams(input_ids, attend)
         out = TrainOutput(self.norm(self.hc_head(streams)), routing=routing)
         T = input_ids.shape[1]
         for k, module in enumerate(self.mtp if mtp else [], start=1):

@@ -457,7 +457,7 @@ def run(args) -> dict:
                 "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm, "tokens_per_s": tokens / dt,
                 "mfu": flops_per_token * tokens / dt / (peak * 1e12 * place.world), "maxvio": float(vio.mean()),
                 "maxvio_max": float(vio.max()), "seconds": dt, **first}
-        if cfg.sparse_attention:
+        if cfg.has_indexer:
             line["index"] = index
         first = {}
         done = step + 1 == args.steps

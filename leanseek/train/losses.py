@@ -106,7 +106,7 @@ def training_loss(model: Transformer, input_ids: torch.Tensor, targets: torch.Te
     input_ids, targets: [B, T], targets[:, i] being the token after input_ids[:, i] (-100 to ignore).
     MTP depth k predicts targets[:, i + k] from position i. dense: sparse-attention layers attend densely (the
     indexer's warm-up, against the dense attention)."""
-    index_losses = [] if index_weight > 0 and model.cfg.sparse_attention else None
+    index_losses = [] if index_weight > 0 and model.cfg.has_indexer else None
     out = model.forward_train(input_ids, mtp=mtp_weight > 0, index_losses=index_losses, dense=dense)
     head = model.lm_head.weight
     ce = linear_cross_entropy(out.hidden, head, targets)
