@@ -61,7 +61,11 @@ def quantize_mode(args: argparse.Namespace, device: torch.device) -> str | None:
     return args.quantize
 
 
-def wants_compile(args: argparse.Namespace, device: torch.device) -> bool:
+def wants_compile(args: argparse.Namespace, device: torch.device, v4: bool = False) -> bool:
+    if v4:  # DeepSeek-V4's decode state is eager only (leanseek.infer.compressed_cache)
+        if args.compile:
+            raise SystemExit("--compile does not apply to DeepSeek-V4 models: they decode eagerly")
+        return False
     if args.quantize:
         if args.compile:
             raise SystemExit("--compile does not apply to --quantize: quantised models decode eagerly")

@@ -8,9 +8,15 @@ from leanseek.cli import main
 def test_presets_and_info(capsys):
     main(["presets"])
     out = capsys.readouterr().out
-    assert "deepseek-v3" in out and "671.03B" in out and "37.55B" in out
+    assert "deepseek-v3" in out and "671.03B" in out and "36.63B" in out
+    v3, v4 = (next(line for line in out.splitlines() if line.startswith(name + " ")).split()
+              for name in ("deepseek-v3.2", "deepseek-v4-pro"))
+    assert v3[-1] == "83.88" and v4[-1] == "9.64"  # KV KiB per token at 1M
     main(["info", "deepseek-v2-lite"])
     assert "softmax / greedy" in capsys.readouterr().out
+    main(["info", "deepseek-v4-flash"])
+    out = capsys.readouterr().out
+    assert "21 CSA (1 entry per 4)" in out and "2 sliding window only" in out and "3 hash-routed" in out
 
 
 def test_init_then_check_against_transformers(tmp_path, capsys):

@@ -121,6 +121,12 @@ def check_mode(mode: str, device: torch.device | str) -> None:
         raise ValueError("quantize: the int8/int4 kernels used are PyTorch's CPU ones; load the model on the CPU")
 
 
+def check_model(cfg) -> None:
+    if cfg.v4:
+        raise ValueError("quantize: DeepSeek-V4 models are not quantised yet (their grouped output projection and "
+                         "compressors read weights directly)")
+
+
 def _quantized(model: nn.Module, child: nn.Module, name: str, mode: str) -> nn.Module | None:
     """The quantised replacement of a model's submodule `child` (its attribute name `name`), or None to keep it."""
     if isinstance(child, Experts):
@@ -138,6 +144,7 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     """Replace the model's linears and experts by quantised ones, in place (weights move to the CPU kernels'
     layouts; the float ones are freed). Returns the model."""
     check_mode(mode, next(model.parameters()).device)
+    check_model(model.cfg)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if (new := _quantized(model, child, name, mode)) is not None:

@@ -23,7 +23,9 @@ from .rope import rope_tail
 
 
 class Compressor(nn.Module):
-    def __init__(self, cfg: ModelConfig, rate: int, head_dim: int, overlap: bool):
+    """overlap: CSA's overlapping windows (which come with an indexer, unless this is the indexer's own)."""
+
+    def __init__(self, cfg: ModelConfig, rate: int, head_dim: int, overlap: bool, indexed: bool = False):
         super().__init__()
         self.rate, self.head_dim, self.overlap = rate, head_dim, overlap
         width = 2 * head_dim if overlap else head_dim  # overlapping windows: [Ca; Cb]
@@ -31,6 +33,7 @@ class Compressor(nn.Module):
         self.gate_proj = Linear(cfg.hidden_size, width, bias=False)
         self.position_bias = nn.Parameter(torch.empty(rate, width))
         self.kv_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
+        self.indexer = Indexer(cfg, rate) if indexed else None
 
     def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens x [B, T, d] at positions [T] or [B, T] -> their values C and gates Z + B [B, T, width] (the

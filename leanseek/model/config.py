@@ -49,7 +49,9 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ParamCounts:
     total: int  # every parameter of the main model (embedding and head included), MTP excluded
-    active: int  # parameters one token touches: all but the routed experts it was not sent to
+    # parameters one token's matmuls use: all but the routed experts it was not sent to and the input embedding (a
+    # lookup of one row), as DeepSeek's model cards count them (V3's 37B, V4-Flash's 13B)
+    active: int
     mtp: int  # MTP modules' own parameters (embedding and head are shared, so not counted)
     mtp_active: int
     embedding: int  # input embedding (a lookup: no FLOPs)
@@ -503,7 +505,7 @@ class ModelConfig:
         d, V = self.hidden_size, self.vocab_size
         emb = V * d
         head = 0 if self.tie_word_embeddings else V * d
-        total = active = emb + head + d  # + final norm
+        total, active = emb + head + d, head + d  # + final norm
         if self.v4:  # the hyper head, then each layer's own attention type
             hc_head = self.hc_mult * (self.hc_mult * d + 1) + 1
             total, active = total + hc_head, active + hc_head
@@ -529,7 +531,7 @@ class ModelConfig:
         index_head_dim * seq_len more.
         """
         pc = self.param_counts()
-        weights = pc.active - pc.embedding
+        weights = pc.active
         layers = self.num_hidden_layers
         if include_mtp:  # each MTP module runs its own block, then the shared output head
             D = self.num_nextn_predict_layers

@@ -34,8 +34,8 @@ def run(args) -> None:
             ["experts (routed, shared, active)",
              f"{cfg.n_routed_experts}, {cfg.n_shared_experts}, {cfg.num_experts_per_tok}"],
             ["parameters: total", f"{pc.total:,} ({human(pc.total)})"],
-            ["parameters: active per token", f"{pc.active:,} ({human(pc.active)}; "
-                                             f"{human(pc.active - pc.embedding)} without the embedding)"],
+            ["parameters: active per token", f"{pc.active:,} ({human(pc.active)}; the input embedding, a lookup, "
+                                             "not counted)"],
             ["parameters: MTP modules", f"{pc.mtp:,} ({human(pc.mtp)})"],
             [f"training FLOPs per token at {args.seq_len}", f"{cfg.flops_per_token(args.seq_len):.4g}"],
             *([f"KV cache per token at {name} (bf16)", f"{kv_kib_per_token(cfg, n):.2f} KiB"]

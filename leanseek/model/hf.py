@@ -392,7 +392,7 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
 
     quantize: "int8" or "int4" (leanseek.infer.quantize, CPU only): each module is quantised as soon as its
     tensors are read, so the whole model is never held in float."""
-    from ..infer.quantize import check_mode, quantize_loaded, quantize_model
+    from ..infer.quantize import check_mode, check_model, quantize_loaded, quantize_model
     from ..train.integrity import verify  # here: leanseek.train imports this module
 
     if quantize is not None:
@@ -400,6 +400,8 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     path = Path(path)
     verify(path)
     cfg = read_config(path)
+    if quantize is not None:
+        check_model(cfg)
     if (path / "model-shards").is_dir():  # a sharded training run's checkpoint (leanseek.train.sharded)
         from ..train.sharded import read_sharded_model
 

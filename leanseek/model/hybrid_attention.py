@@ -18,7 +18,7 @@ Sliding-window layers rotate with rope_theta; layers with a compressor with comp
 import torch
 from torch import nn
 
-from .compressor import Compressor, Indexer
+from .compressor import Compressor
 from .config import ModelConfig
 from .linear import Linear, matmul
 from .norm import RMSNorm
@@ -46,8 +46,7 @@ class HybridAttention(nn.Module):
         if layer_type != "sliding_attention":
             rate = cfg.compress_rates[layer_type]
             sparse = layer_type == "compressed_sparse_attention"
-            self.compressor = Compressor(cfg, rate, D, overlap=sparse)
-            self.compressor.indexer = Indexer(cfg, rate) if sparse else None
+            self.compressor = Compressor(cfg, rate, D, overlap=sparse, indexed=sparse)
         self.rope_kind = "main" if self.compressor is None else "compress"
 
     def queries(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +101,7 @@ class HybridAttention(nn.Module):
         scores = indexer.scores(x, q_latent.detach(), rope, indexer(x, rope))
         log_q = scores.masked_fill(~chosen, float("-inf")).log_softmax(-1)
         kl = torch.where(chosen & (p > 0), p * (p.clamp_min(1e-30).log() - log_q), 0.0).sum(-1)
-        return kl[reads].mean() if reads.any() else kl.sum() * 0.0
+        return (kl * reads).sum() / reads.sum().clamp_min(1)
 
     def attend(self, q: torch.Tensor, kv: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """softmax over [sink; allowed keys] of q . k: queries q [B, T, H, D] against the shared head kv [B, S, D],

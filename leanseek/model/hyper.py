@@ -19,20 +19,42 @@ from .config import ModelConfig
 
 
 def _normed_mixes(streams: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm (no weight) of the flattened streams [B, T, n * d], times fn^T, in float32."""
+    """RMSNorm (no weight) of the flattened streams [B, T, n * d], times fn^T, in float32. The norm's scale is
+    applied to the few outputs rather than the wide input (the same product; DeepSeek's code does so too)."""
     flat = streams.flatten(-2).float()
-    flat = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps)
-    return F.linear(flat, fn.float())
+    ms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True).square() / flat.shape[-1]
+    return F.linear(flat, fn.float()) * torch.rsqrt(ms + eps)
+
+
+class _Sinkhorn(torch.autograd.Function):
+    """Sinkhorn-Knopp normalisations with a hand-written backward: each step x = y / (sum y + eps) along one axis
+    passes back g -> (g - sum(g x)) / (sum y + eps), four operations where autograd's division takes about twice as
+    many (a layer's mHC would otherwise spend most of its time in these small tensors' bookkeeping)."""
+
+    @staticmethod
+    def forward(ctx, comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+        ctx.dims = [-2] + [-1, -2] * (iters - 1)
+        saved = []
+        for dim in ctx.dims:
+            total = comb.sum(dim, keepdim=True) + eps
+            comb = comb / total
+            saved += [comb, total]
+        ctx.save_for_backward(*saved)
+        return comb
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        saved = ctx.saved_tensors
+        for k in reversed(range(len(ctx.dims))):
+            out, total = saved[2 * k], saved[2 * k + 1]
+            grad = (grad - (grad * out).sum(ctx.dims[k], keepdim=True)) / total
+        return grad, None, None
 
 
 def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """Project positive matrices [..., n, n] towards the doubly stochastic ones: normalise the columns, then
     alternate rows and columns, iters column normalisations in all (the order transformers and DeepSeek use)."""
-    comb = comb / (comb.sum(-2, keepdim=True) + eps)
-    for _ in range(iters - 1):
-        comb = comb / (comb.sum(-1, keepdim=True) + eps)
-        comb = comb / (comb.sum(-2, keepdim=True) + eps)
-    return comb
+    return _Sinkhorn.apply(comb, iters, eps)
 
 
 class HyperConnection(nn.Module):
@@ -65,7 +87,7 @@ class HyperConnection(nn.Module):
         """New streams: stream k = post_k * out + sum_j comb_jk * stream j (comb is not symmetric: the sum runs
         over its first index)."""
         dtype = streams.dtype
-        return post.to(dtype).unsqueeze(-1) * out.unsqueeze(-2) + comb.to(dtype).transpose(-1, -2) @ streams
+        return (comb.to(dtype).transpose(-1, -2) @ streams).addcmul_(post.to(dtype).unsqueeze(-1), out.unsqueeze(-2))
 
 
 class HyperHead(nn.Module):

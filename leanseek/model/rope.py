@@ -78,7 +78,7 @@ def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     `rotation` (complex, broadcastable to [..., dr/2]; under torch.compile real (cos, sin) pairs [..., dr]). In
     float32, cast back, as DeepSeek's reference code does."""
     x32 = x.float()
-    if torch.compiler.is_compiling():  # the same product in reals, rotation as (cos, sin) pairs (Rotary)
+    if not rotation.is_complex():  # the same product in reals, rotation as (cos, sin) pairs (Rotary, compiled)
         a, b = x32.unflatten(-1, (-1, 2)).unbind(-1)
         c, s = rotation.unflatten(-1, (-1, 2)).unbind(-1)
         return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).to(x.dtype)

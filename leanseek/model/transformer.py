@@ -106,18 +106,19 @@ class Transformer(nn.Module):
                 routing.append(r)
         return self.norm(x), routing, rope
 
-    def _streams(self, input_ids: torch.Tensor,
+    def _streams(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                  attend=None) -> tuple[torch.Tensor, list[Routing], dict[str, torch.Tensor]]:
         """V4: the last layer's residual streams [B, T, n, d] (the embedding copied into each at the start), every
-        layer's routing, and the rotations of positions 0..T-1 by kind. attend: as HyperBlock's, for every
-        layer."""
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        layer's routing, and the rotations of the positions (default 0..T-1) by kind. attend(i): layer i's
+        HyperBlock `attend` (None: the full forward's attention)."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         rope = {"main": self.rotary(positions), "compress": self.compress_rotary(positions)}
         x = self.embed_tokens(input_ids)
         streams = x.unsqueeze(-2).expand(*x.shape[:-1], self.cfg.hc_mult, x.shape[-1])
         routing = []
-        for layer in self.layers:
-            streams, r = layer(streams, rope, input_ids, attend)
+        for i, layer in enumerate(self.layers):
+            streams, r = layer(streams, rope, input_ids, None if attend is None else attend(i))
             routing.append(r)
         return streams, routing, rope
 
@@ -132,11 +133,7 @@ class Transformer(nn.Module):
         the absorbed form over it. Returns the final-normed hidden states [B, T, d]: lm_head gives the logits, and
         MTP drafts from them."""
         if self.cfg.v4:  # at: a leanseek.infer.compressed_cache.CompressedStep
-            rope = {"main": self.rotary(at.positions), "compress": self.compress_rotary(at.positions)}
-            x = self.embed_tokens(input_ids)
-            streams = x.unsqueeze(-2).expand(*x.shape[:-1], self.cfg.hc_mult, x.shape[-1])
-            for i, layer in enumerate(self.layers):
-                streams, _ = layer(streams, rope, input_ids, at.attend(i))
+            streams, _, _ = self._streams(input_ids, at.positions, at.attend)
             return self.norm(self.hc_head(streams))
         rope = self.rotary(at.positions)
         x = self.embed_tokens(input_ids)
@@ -180,8 +177,8 @@ class Transformer(nn.Module):
     def _forward_train_v4(self, input_ids: torch.Tensor, mtp: bool, index_losses: list | None) -> TrainOutput:
         """forward_train for V4: each MTP depth continues the previous depth's residual streams (the main model's
         before its hyper head); index_losses collects the CSA layers' indexer losses (HybridAttention.index_kl)."""
-        attend = None if index_losses is None else lambda attn, h, rope: attn(h, rope, index_losses)
-        streams, routing, rope = self._streams(input_ids, attend)
+        attend = None if index_losses is None else lambda i: lambda attn, h, rope: attn(h, rope, index_losses)
+        streams, routing, rope = self._streams(input_ids, attend=attend)
         out = TrainOutput(self.norm(self.hc_head(streams)), routing=routing)
         T = input_ids.shape[1]
         for k, module in enumerate(self.mtp if mtp else [], start=1):

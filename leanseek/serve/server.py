@@ -95,7 +95,8 @@ def run(args) -> None:
     model = load_hf(path, dtype=inference_dtype(device), device=device, quantize=quantize_mode(args, device))
     tokenizer = TextTokenizer.load(path, strict=False)  # any DeepSeek-architecture folder
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_len=args.max_len,
-                    compile=wants_compile(args, device), cache_tokens=args.cache_tokens, prefix_cache=args.prefix_cache)
+                    compile=wants_compile(args, device, model.cfg.v4), cache_tokens=args.cache_tokens,
+                    prefix_cache=args.prefix_cache)
     engine.warm_up()
     name = args.name or Path(args.model).resolve().name
     app = create_app(engine, tokenizer, name, api_key=args.api_key, max_queue=args.max_queue, worker_thread=False,

@@ -181,8 +181,8 @@ def run(args) -> None:
     path = checkpoint_of(Path(args.model))
     model = load_hf(path, dtype=inference_dtype(device), device=device, quantize=quantize_mode(args, device))
     tokenizer = TextTokenizer.load(path)
-    engine = Engine(model, tokenizer, max_batch=1, max_len=args.max_len, compile=wants_compile(args, device),
-                    prefix_cache=args.prefix_cache)
+    engine = Engine(model, tokenizer, max_batch=1, max_len=args.max_len,
+                    compile=wants_compile(args, device, model.cfg.v4), prefix_cache=args.prefix_cache)
     engine.warm_up()
     TerminalChat(engine, tokenizer, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                  tools=not args.no_tools).run()

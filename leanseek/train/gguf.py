@@ -65,6 +65,9 @@ def check_supported(model: Transformer) -> None:
     if cfg.topk_method == "group_limited_greedy" and 1 < cfg.topk_group < cfg.n_group:
         raise ValueError(f"topk_method='group_limited_greedy' with n_group={cfg.n_group}, topk_group={cfg.topk_group}"
                          ": llama.cpp's deepseek2 has no such routing (it scores groups as DeepSeek-V3 does)")
+    if cfg.v4:
+        raise ValueError("model_type deepseek_v4: llama.cpp's deepseek2 has no DeepSeek-V4 layers (compressed "
+                         "attention, hyper-connections, hash routing)")
     if cfg.sparse_attention:
         raise ValueError(f"index_n_heads={cfg.index_n_heads}: llama.cpp's deepseek2 has no sparse attention "
                          "(DeepSeek-V3.2's indexer); it would run the model densely, which is another model")
