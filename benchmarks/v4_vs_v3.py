@@ -6,7 +6,8 @@ pretrain` on the same data for the same wall-clock budget, side by side.
 
 Each model's step time is measured first (a few steps after warm-up, in this process), and its run gets as many
 steps as fit the budget, with its own full learning-rate schedule. Printed: steps, tokens trained, tokens/s and the
-final validation bits per byte of each, and the ratios. At this scale V4's savings (a KV cache that grows by a few
+final validation bits per byte of each, and the ratios; then `tiny` once more for as many steps as `tiny-v4` took
+(the same tokens and schedule length), which tells whether V4 learns less per token or only runs slower. At this scale V4's savings (a KV cache that grows by a few
 values a token, attention over a window and compressed entries) barely apply at a 256-token window while its
 mHC streams (hc_mult copies of the residual) cost memory traffic, so the figure says what V4 costs and buys on a
 CPU at tiny scale, not what the V4 report measured at a trillion tokens.
@@ -73,16 +74,18 @@ def main() -> None:
             steps = max(10, int(args.minutes * 60 / (step_seconds(preset, args.batch, args.seq_len) * 1.1)))
             results[preset] = train(preset, steps, args, Path(tmp) / preset)
             print(f"{preset}: {results[preset]}", file=sys.stderr)
+        same = train("tiny", results["tiny-v4"]["steps"], args, Path(tmp) / "tiny-same-tokens")
     print(f"{cpu_model()}, {args.threads} threads, torch {torch.__version__}; budget {args.minutes:g} min each, "
           f"batch {args.batch} x {args.seq_len}")
     print(f"{'preset':8} {'params':>8} {'steps':>6} {'tokens':>10} {'train s':>8} {'tokens/s':>9} {'val bpb':>8}")
-    for preset, r in results.items():
+    for preset, r in [*results.items(), ("tiny", same)]:
         pc = ModelConfig.preset(preset).param_counts()
         print(f"{preset:8} {pc.total / 1e6:7.2f}M {r['steps']:6d} {r['tokens']:10,d} {r['train_s']:8.0f} "
               f"{r['tokens_per_s']:9.0f} {r['val_bpb']:8.4f}")
     v3, v4 = results["tiny"], results["tiny-v4"]
     print(f"V4 / V3: tokens/s {v4['tokens_per_s'] / v3['tokens_per_s']:.2f}x, validation bpb "
-          f"{v4['val_bpb'] - v3['val_bpb']:+.4f} ({v4['val_bpb'] / v3['val_bpb']:.3f}x)")
+          f"{v4['val_bpb'] - v3['val_bpb']:+.4f} ({v4['val_bpb'] / v3['val_bpb']:.3f}x); at the same tokens "
+          f"(the last row): {v4['val_bpb'] - same['val_bpb']:+.4f}")
 
 
 if __name__ == "__main__":

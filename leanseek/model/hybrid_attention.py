@@ -31,7 +31,6 @@ class HybridAttention(nn.Module):
         d, H, D = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
         self.n_heads, self.head_dim, self.window, self.eps = H, D, cfg.sliding_window, cfg.rms_norm_eps
         self.groups = cfg.o_groups
-        self.layer_type = layer_type
         self.q_a_proj = Linear(d, cfg.q_lora_rank, bias=False)
         self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
         self.q_b_proj = Linear(cfg.q_lora_rank, H * D, bias=False)
@@ -75,9 +74,8 @@ class HybridAttention(nn.Module):
             allowed_c = self.compressor.visible(T, entries.shape[1], x.device).expand(B, T, -1)
             indexer = self.compressor.indexer
             if indexer is not None and entries.shape[1]:
-                keys = indexer(x, rope)
                 with torch.no_grad():  # a selection: no gradient reaches the indexer through it
-                    allowed_c = indexer.select(indexer.scores(x, q_latent, rope, keys), allowed_c)
+                    allowed_c = indexer.select(indexer.scores(x, q_latent, rope, indexer(x, rope)), allowed_c)
                 if index_losses is not None:
                     index_losses.append(self.index_kl(x, q_latent, rope, q, entries, allowed_c))
             kv = torch.cat([kv, entries], dim=1)
