@@ -22,6 +22,7 @@ import torch
 from ..model.compressor import Compressor
 from ..model.config import ModelConfig
 from ..model.rope import rope_tail
+from .cache import blocks_for
 
 
 def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -74,7 +75,7 @@ class CompressedCache:
 
     def available(self) -> int:
         """Every slot holds its whole context: a free slot always fits a request (in LatentCache's blocks)."""
-        return len(self.lengths) * -(-self.max_len // 16)
+        return len(self.lengths) * blocks_for(self.max_len)
 
     def held_tokens(self) -> int:
         return sum(self.lengths)

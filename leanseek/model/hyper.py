@@ -26,6 +26,11 @@ def _normed_mixes(streams: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.
     return F.linear(flat, fn.float()) * torch.rsqrt(ms + eps)
 
 
+def _axes(iters: int) -> list[int]:
+    """The axis of each Sinkhorn-Knopp normalisation: columns first, then rows and columns alternately."""
+    return [-2] + [-1, -2] * (iters - 1)
+
+
 class _Sinkhorn(torch.autograd.Function):
     """Sinkhorn-Knopp normalisations with a hand-written backward: each step x = y / (sum y + eps) along one axis
     passes back g -> (g - sum(g x)) / (sum y + eps), four operations where autograd's division takes about twice as
@@ -33,7 +38,7 @@ class _Sinkhorn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-        ctx.dims = [-2] + [-1, -2] * (iters - 1)
+        ctx.dims = _axes(iters)
         saved = []
         for dim in ctx.dims:
             total = comb.sum(dim, keepdim=True) + eps
@@ -60,7 +65,7 @@ def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     # tensors, so their count is their cost)
     comb = comb.clone()
     eps = comb.new_tensor(eps)  # a Python number would be wrapped into a new tensor at every step
-    for dim in [-2] + [-1, -2] * (iters - 1):
+    for dim in _axes(iters):
         comb.div_(comb.sum(dim, keepdim=True).add_(eps))
     return comb
 

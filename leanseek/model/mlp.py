@@ -7,6 +7,13 @@ from torch import nn
 from .linear import Linear
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float = 0.0) -> torch.Tensor:
+    """silu(gate) * up; with a limit (DeepSeek-V4's swiglu_limit), gate clipped from above and up to +-limit."""
+    if limit:
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return F.silu(gate) * up
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); with a limit (DeepSeek-V4's swiglu_limit), gate(x) clipped from above and up(x)
     to +-limit."""
@@ -19,7 +26,4 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        if self.limit:
-            gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.limit))

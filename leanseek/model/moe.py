@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .linear import linear
-from .mlp import SwiGLU
+from .mlp import SwiGLU, swiglu
 
 
 @dataclass
@@ -39,14 +39,6 @@ DISPATCH_MACS = 3_000_000
 # (H100/H200: ~200-300 bf16 flops per byte) and its [n, E, 2 Ie] activations stay a fraction of the weights.
 # Past it, the padded path's bounded padding costs less than E/K times the work.
 ACCELERATOR_DENSE_TOKENS = 128
-
-
-def swiglu(h: torch.Tensor, limit: float = 0.0) -> torch.Tensor:
-    """silu(gate) * up for h = [gate | up] [..., 2 I]; with a limit, gate clipped from above and up to +-limit."""
-    gate, up = h.chunk(2, dim=-1)
-    if limit:
-        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
-    return F.silu(gate) * up
 
 
 class Router(nn.Module):
@@ -149,7 +141,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
         for e, rows in _expert_rows(counts):
             te = token[rows]
             h = torch.mm(x.index_select(0, te), w_gate_up[e].t(), out=pre[rows])
-            act = swiglu(h, limit).mul_(weights[rows, None])
+            act = swiglu(*h.chunk(2, dim=-1), limit).mul_(weights[rows, None])
             out.index_add_(0, te, act @ w_down[e].t())
         ctx.counts, ctx.limit = counts, limit
         ctx.save_for_backward(x, w_gate_up, w_down, weights, token, pre)
@@ -272,7 +264,7 @@ class Experts(nn.Module):
         flat = routing.indices.flatten()
         w_gate_up = self.gate_up_proj.index_select(0, flat).to(x.dtype).view(N, K, 2 * Ie, -1)
         h = torch.matmul(w_gate_up, x.view(N, 1, -1, 1)).view(N * K, 2 * Ie)
-        act = swiglu(h, self.limit).mul_(routing.weights.view(-1, 1).to(x.dtype))
+        act = swiglu(*h.chunk(2, dim=-1), self.limit).mul_(routing.weights.view(-1, 1).to(x.dtype))
         w_down = self.down_proj.index_select(0, flat).to(x.dtype)
         return torch.matmul(w_down, act.unsqueeze(-1)).view(N, K, -1).sum(1)
 
@@ -282,7 +274,7 @@ class Experts(nn.Module):
         E, d, Ie = self.down_proj.shape
         gates = x.new_zeros(N, E).scatter_(1, routing.indices, routing.weights.to(x.dtype))
         h = (x @ self.gate_up_proj.to(x.dtype).view(E * 2 * Ie, d).t()).view(N, E, 2 * Ie)
-        act = swiglu(h, self.limit).mul_(gates[..., None])  # [N, E, Ie]
+        act = swiglu(*h.chunk(2, dim=-1), self.limit).mul_(gates[..., None])  # [N, E, Ie]
         return torch.bmm(act.transpose(0, 1), self.down_proj.to(x.dtype).transpose(1, 2)).sum(0)
 
     def _padded(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -307,7 +299,7 @@ class Experts(nn.Module):
         expert = torch.searchsorted(ends, torch.arange(n_blocks, device=x.device) * block, right=True)
         expert = expert.clamp_max_(E - 1)
         h = torch.bmm(rows.view(n_blocks, block, d), self.gate_up_proj.index_select(0, expert).to(x.dtype).mT)
-        act = swiglu(h, self.limit)
+        act = swiglu(*h.chunk(2, dim=-1), self.limit)
         y = torch.bmm(act, self.down_proj.index_select(0, expert).to(x.dtype).mT).view(-1, d)
         return (y.index_select(0, row).view(N, K, d) * routing.weights.to(x.dtype)[..., None]).sum(1)
 
