@@ -80,14 +80,20 @@ def model_or_preset(model: str | None, preset: str):
 
 
 def cpu_model() -> str:
+    """The CPU's model name and the vector instructions PyTorch's kernels (and inductor's code) use on it: the
+    same model name can be AVX-512 on one machine and AVX2-only on another (or AVX2 by ATEN_CPU_CAPABILITY)."""
+    name = None
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                name = line.split(":", 1)[1].strip()
+                break
     except OSError:
         pass
-    import platform
-    return platform.processor() or "unknown CPU"
+    if name is None:
+        import platform
+        name = platform.processor() or "unknown CPU"
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 def best_of(fn, repeats: int = 5) -> float:

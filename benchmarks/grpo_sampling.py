@@ -15,19 +15,11 @@ run's model and tokenizer, the sums task's prompts, stopping at end of turn.
 """
 
 import argparse
-import platform
 import random
 import time
 
 import torch
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
+from grammar_mask import cpu_model
 
 
 def main() -> None:
@@ -90,7 +82,7 @@ def main() -> None:
                 times[name].append((first, total))
     best = {name: (min(t[0] for t in v), min(t[1] for t in v)) for name, v in times.items()}
     same = samples["one per forward"] == samples["batched"]
-    print(f"# {cpu_name()}, {args.threads} threads, torch {torch.__version__}; "
+    print(f"# {cpu_model()}, {args.threads} threads, torch {torch.__version__}; "
           f"{args.prompts} prompts x {args.group} samples, prompts of {min(map(len, distinct))}-"
           f"{max(map(len, distinct))} tokens, up to {args.new_tokens} new tokens; best of {args.repeats}")
     print(f"{'prefill':<16} {'first step s':>12} {'generate s':>11}")

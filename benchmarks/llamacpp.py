@@ -12,6 +12,13 @@ then tokens/s for batch-1 decode (a 32-token prompt, --new-tokens tokens, the pr
 single-stream one, labelled. leanseek runs eagerly and compiled (Engine(compile=True), what `leanseek serve` and
 `chat` use on a CPU; compiled in an untimed warm-up). The engines take turns, five rounds, and each figure is an
 engine's best round.
+
+What an AVX2-only machine would see, measured on an AVX-512 one: llama.cpp built without AVX-512, and PyTorch's
+kernels and inductor's generated code held to AVX2 by ATEN_CPU_CAPABILITY (the first line printed names both):
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF" \
+        .venv/bin/pip install --no-cache-dir --no-deps --target /tmp/llama-avx2 llama-cpp-python
+    ATEN_CPU_CAPABILITY=avx2 PYTHONPATH=/tmp/llama-avx2 .venv/bin/python benchmarks/llamacpp.py
 """
 
 import argparse
@@ -56,6 +63,15 @@ class LlamaCpp:
         self.llm.eval(prompt)
 
 
+def llama_isa() -> str:
+    """The vector instructions the installed llama.cpp was built to use, from its system info line."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode()
+    flags = [k.strip() for k, _, v in (p.partition("=") for p in info.split("|")) if v.strip() == "1"]
+    return "+".join(f for f in flags if f.startswith("AVX")) or "no AVX"
+
+
 def split_parity(llm, tok: TextTokenizer, data: Path) -> tuple[int, int, int]:
     """Each document of the validation split (a <|bos|> and its tokens), decoded to text and tokenized again by
     llama.cpp: how many come out as the very tokens leanseek wrote, of how many, and the split's tokens."""
@@ -80,6 +96,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--no-compile", action="store_true", help="time leanseek's eager engine only")
     args = ap.parse_args()
+    import llama_cpp
+
     source = checkpoint_of(Path(args.model))
     torch.set_num_threads(args.threads)
     tok = TextTokenizer.load(source)
@@ -103,7 +121,7 @@ def main() -> None:
             peers[f"llama.cpp {outtype}"] = LlamaCpp(path, args.threads, n_ctx)
             print(f"# exported {source} as {outtype}: {written['bytes'] / 2**20:.1f} MiB", flush=True)
         print(f"# {cpu_model()}, {args.threads} threads, torch {torch.__version__}, "
-              f"llama-cpp-python {__import__('llama_cpp').__version__}; {model.cfg.param_counts()}")
+              f"llama-cpp-python {llama_cpp.__version__} ({llama_isa()}); {model.cfg.param_counts()}")
 
         f32 = peers["llama.cpp f32"]
         same_tokens = all(f32.llm.tokenize(p.encode(), add_bos=False, special=False) == tok.encode(p)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from grammar_mask import cpu_model
 
 PROMPTS = [
     "def read_config(path):\n    \"\"\"",
@@ -41,20 +42,24 @@ def main() -> None:
 
     import leanseek
     from leanseek.data import TextTokenizer
+    from leanseek.train.checkpoint import checkpoint_of
 
-    if not (Path(args.model) / "config.json").exists():
+    try:
+        source = checkpoint_of(Path(args.model))
+    except FileNotFoundError:
         sys.exit(f"{args.model}: no checkpoint there. Make one with ./run.sh, or: leanseek pretrain --preset tiny "
                  "--data runs/data-builtin --out runs/pretrain-tiny")
-    model = leanseek.load_hf(args.model)
+    model = leanseek.load_hf(source)
     if not len(model.mtp):
         sys.exit(f"{args.model}: this model has no MTP module (num_nextn_predict_layers=0)")
-    tok = TextTokenizer.load(args.model)
+    tok = TextTokenizer.load(source)
     bos = tok.token_id("<|bos|>")
     prompts = [[bos] + tok.encode(p) for p in PROMPTS]
     max_len = max(map(len, prompts)) + args.new_tokens
     engine = leanseek.Engine(model, tok, max_batch=len(prompts), max_len=max_len, compile=not args.eager)
     print(f"# {args.model}: {model.cfg.param_counts()}, {len(prompts)} prompts + {args.new_tokens} new tokens, "
-          f"float32, {args.threads} threads, {'eager' if args.eager else 'compiled'}, torch {torch.__version__}")
+          f"float32, {cpu_model()}, {args.threads} threads, {'eager' if args.eager else 'compiled'}, "
+          f"torch {torch.__version__}")
     print(f"{'decoding':<18} {'sequences':>9} {'plain tok/s':>12} {'speculative':>12} {'speedup':>8} "
           f"{'accepted':>9} {'tokens/step':>12}")
     for name, params in [("greedy", {}), ("sampling t=1 p=.95", dict(temperature=1.0, top_p=0.95, seed=0))]:
@@ -71,7 +76,7 @@ def main() -> None:
 
             run(False), run(True)  # warm-up and compilation
             t_plain, plain = min(run(False) for _ in range(2))
-            engine.stats = {"drafted": 0, "accepted": 0}
+            engine.stats = dict.fromkeys(engine.stats, 0)
             t_spec, spec = min(run(True) for _ in range(2))
             rate = engine.acceptance_rate
             tokens = sum(map(len, plain))

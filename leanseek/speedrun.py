@@ -61,7 +61,7 @@ SPEEDRUNS: dict[str, dict] = {
     # SFT leaves the MTP loss out (a third of its step time), then 300 steps fit the MTP module alone to the SFT
     # model (a fifth of the time saved): drafts accepted 98% against 9% unfitted and 100% trained through SFT.
     "cpu": dict(
-        about="the tiny model (5.4M parameters) on the built-in corpus: under 20 minutes on a 2-core CPU",
+        about="the tiny model (5.4M parameters) on the built-in corpus, meant to take under 20 minutes on a 2-core CPU",
         devices=1, device="cpu", model="tiny",
         data=dict(source=["builtin"], vocab_size=4096, tokenizer_sample_mb=20),
         pretrain=dict(steps=450, batch_size=16, seq_len=256, eval_every=150, save_every=150),

@@ -7,6 +7,7 @@ import re
 import shlex
 
 import pytest
+import torch
 
 from leanseek.cli import main, parser
 from leanseek.data.instructions import GREETINGS
@@ -84,7 +85,9 @@ def test_report_has_every_section_with_the_runs_figures(micro):
     assert f"| after 30 steps | {pretrain[-1]['val_bpb']:.3f} |" in report
     cfg = json.loads((micro / "rl" / "latest" / "config.json").read_text())
     assert f"hidden {cfg['hidden_size']}" in report
-    assert re.search(r"\| \*\*total\*\* \| \*\*[\d.]+ (s|min)\*\* \|", report)
+    total = re.search(r"\| \*\*total\*\* \| \*\*([\d.]+ (s|min))\*\* \|", report).group(1)
+    assert f"This run took {total} " in report.split("\n## ")[0]  # the opening states the time measured
+    assert f"({torch.backends.cpu.get_cpu_capability()} kernels)" in report  # AVX2 or AVX-512: same model name
     assert "DeepSeek-V3 pre-training (14.8T tokens)" in report and "| pre-training | 2,664K |" in report
     assert "leanseek pretrain --data" in report and "stages ran at commit" in report
     assert f"`leanseek speedrun --preset micro --out {micro}`" in report

@@ -82,7 +82,8 @@ def environment(timings: dict) -> list[list[str]]:
     rows = [["date", datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")],
             ["leanseek", f"{__version__}; stages ran at commit {', '.join(ran) or 'unknown'}; this report was "
                          f"written at commit {commit or 'unknown (not a git checkout)'}"],
-            ["CPU", f"{cpu}, {os.cpu_count()} cores visible, torch uses {torch.get_num_threads()} threads"],
+            ["CPU", f"{cpu} ({torch.backends.cpu.get_cpu_capability()} kernels), {os.cpu_count()} cores visible, "
+                    f"torch uses {torch.get_num_threads()} threads"],
             ["GPU", ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"],
             ["software", f"Python {platform.python_version()}, torch {torch.__version__}, {platform.platform()}"]]
     return rows
@@ -111,8 +112,9 @@ def write_report(out: Path, name: str, preset: dict, plan) -> Path:
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     about = preset["about"][0].upper() + preset["about"][1:]
-    parts = [f"# leanseek speedrun `{name}`: report card\n\n{about}. Every figure below was measured "
-             "by this run, from the files in this folder.\n"]
+    took = duration(sum(r["seconds"] for r in stage_costs(run, preset)))
+    parts = [f"# leanseek speedrun `{name}`: report card\n\n{about}. This run took {took} (machine below). "
+             "Every figure below was measured by this run, from the files in this folder.\n"]
     parts.append("## Environment\n\n" + md_table(["", ""], environment(run.timings)))
     parts.append(model_section(run, preset))
     parts.append(tokens_section(run))

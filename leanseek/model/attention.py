@@ -149,9 +149,9 @@ class MLA(nn.Module):
             bias = torch.full((T, S), float("-inf"), device=x.device).triu_(S - T + 1)
         if self.indexer is not None and S > self.indexer.topk:
             return self._sparse_absorbed(x, q, kv, bias, self.indexer.scores(x, q_latent, rope, index_keys), w)
-        scores = matmul(q.reshape(B, H * T, -1), kv.transpose(1, 2)).view(B, H, T, S).mul_(self.scale)
+        scores = matmul(q.reshape(B, H * T, -1), kv.transpose(1, 2), rows=T).view(B, H, T, S).mul_(self.scale)
         probs = scores.float().add_(bias).softmax(dim=-1).to(x.dtype).view(B, H * T, S)
-        o_latent = matmul(probs, kv[..., :dc]).view(B, H, T, dc).transpose(0, 1).reshape(H, B * T, dc)
+        o_latent = matmul(probs, kv[..., :dc], rows=T).view(B, H, T, dc).transpose(0, 1).reshape(H, B * T, dc)
         o = matmul(o_latent, w[:, dn:].transpose(1, 2))  # [H, BT, dv]: W^UV absorbed before W^O
         return self.o_proj(o.transpose(0, 1).reshape(B, T, H * self.dv))
 

@@ -27,9 +27,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for a [..., m, k], b [..., k, n] (batch dimensions broadcast)."""
-    if _as_reduction(a, a.shape[-2]):
+def matmul(a: torch.Tensor, b: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """a @ b for a [..., m, k], b [..., k, n] (batch dimensions broadcast). rows: how many tokens' rows of a share
+    b (default m); attention's m is tokens x heads, and its heads read the same cached entries, as one token's
+    rows would."""
+    if _as_reduction(a, a.shape[-2] if rows is None else rows):
         return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
     return a @ b
 
