@@ -7,10 +7,10 @@ pretrain` on the same data for the same wall-clock budget, side by side.
 Each model's step time is measured first (a few steps after warm-up, in this process), and its run gets as many
 steps as fit the budget, with its own full learning-rate schedule. Printed: steps, tokens trained, tokens/s and the
 final validation bits per byte of each, and the ratios; then `tiny` once more for as many steps as `tiny-v4` took
-(the same tokens and schedule length), which tells whether V4 learns less per token or only runs slower. At this scale V4's savings (a KV cache that grows by a few
-values a token, attention over a window and compressed entries) barely apply at a 256-token window while its
-mHC streams (hc_mult copies of the residual) cost memory traffic, so the figure says what V4 costs and buys on a
-CPU at tiny scale, not what the V4 report measured at a trillion tokens.
+(the same tokens and schedule length), which tells whether V4 learns less per token or only runs slower. At this
+scale V4's savings (a KV cache that grows by a few values a token, attention over a window and compressed entries)
+barely apply at a 256-token window while its mHC streams (hc_mult copies of the residual) cost memory traffic, so the
+figure says what V4 costs and buys on a CPU at tiny scale, not what the V4 report measured at a trillion tokens.
 """
 
 import argparse

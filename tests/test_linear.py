@@ -5,9 +5,12 @@ the library matmul. Both give F.linear's / matmul's values."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomise, small_config
 from torch._dynamo.testing import CompileCounterWithBackend
 
+import leanseek
 from leanseek.model.linear import ROWS, Linear, matmul
+from leanseek.model.rope import Rotary
 
 
 def traced(fn, *args):
@@ -39,10 +42,6 @@ def test_attention_products_count_tokens_not_heads(tokens):
     """Absorbed MLA's score and value products have tokens x heads rows, all reading the same cached entries: the
     form follows the tokens (a 2-token speculative step of 4 heads, 8 rows, traced as reductions; it went to the
     library's bmm, ~1.5 ms instead of ~0.8 a step of the tiny model)."""
-    import leanseek
-    from conftest import randomise, small_config
-    from leanseek.model.rope import Rotary
-
     cfg = small_config()
     attn = randomise(leanseek.Transformer(cfg), 1).layers[0].self_attn
     rotary = Rotary(cfg)  # inside the compiled function, so that it gives the compiled (cos, sin) form
