@@ -9,6 +9,7 @@ import leanseek
 from leanseek.model.moe import Routing
 from leanseek.train import (cross_entropy, expert_load, max_violation, sequence_balance_loss, training_loss,
                             update_correction_bias)
+from leanseek.train import losses
 from leanseek.train.losses import linear_cross_entropy
 
 
@@ -77,6 +78,22 @@ def test_linear_cross_entropy_matches_pytorch():
         assert torch.allclose(learning.grad, grads[0] if learning is h else grads[1], atol=1e-6)
         assert frozen.grad is None
         frozen.requires_grad_(True)
+
+
+def test_linear_cross_entropy_skips_unlearned_rows(monkeypatch):
+    """Rows without a target (SFT's prompts and padding) never reach the head; none at all gives a zero loss."""
+    seen = []
+    apply = losses._LinearCrossEntropy.apply
+    monkeypatch.setattr(losses._LinearCrossEntropy, "apply", lambda h, *rest: seen.append(len(h)) or apply(h, *rest))
+    h = torch.randn(2, 10, 8, requires_grad=True)
+    w = torch.randn(20, 8, requires_grad=True)
+    t = torch.randint(0, 20, (2, 10))
+    t[0, :6] = t[1, 3:] = -100
+    linear_cross_entropy(h, w, t).backward()
+    assert seen == [7] and h.grad[0, :6].abs().sum() == 0 and h.grad[0, 6:].abs().sum() > 0
+    loss = linear_cross_entropy(h, w, torch.full((2, 10), -100))
+    loss.backward()
+    assert seen[-1] == 0 and loss.item() == 0
 
 
 def test_training_loss_terms():

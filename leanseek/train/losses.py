@@ -85,7 +85,13 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if chunk_elems is None:
         chunk_elems = 2**21 if h.device.type == "cpu" else 2**27
     chunk = max(16, chunk_elems // weight.shape[0])
-    return _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), chunk)
+    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    # Only the rows with a target go through the head: SFT learns the assistant's tokens alone (57% of the cpu
+    # speedrun's), and the head is some 40% of the tiny model's FLOPs. The loss and gradients are the same.
+    rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    if len(rows) < len(targets):
+        h, targets = h.index_select(0, rows), targets.index_select(0, rows)
+    return _LinearCrossEntropy.apply(h, weight, targets, chunk)
 
 
 @dataclass
