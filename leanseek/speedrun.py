@@ -327,9 +327,8 @@ def expected_cost(preset: dict) -> dict:
 
     cfg = ModelConfig.preset(preset["model"], vocab_size=preset["data"]["vocab_size"])
     p, s, r = preset["pretrain"], preset["sft"], preset["rl"]
-    flops = {"pretrain": cfg.flops_per_token(p["seq_len"]) * p["steps"] * p["batch_size"] * p["seq_len"],
-             "sft": cfg.flops_per_token(s["seq_len"], include_mtp=s.get("mtp_weight", 1) > 0) * s["steps"]
-             * s["batch_size"] * s["seq_len"]}
+    flops = {name: cfg.flops_per_token(t["seq_len"], include_mtp=t.get("mtp_weight", 1) > 0) * t["steps"]
+             * t["batch_size"] * t["seq_len"] for name, t in (("pretrain", p), ("sft", s))}
     if "mtp" in preset:
         m = preset["mtp"]
         flops["mtp"] = cfg.mtp_training_flops_per_token(m["seq_len"]) * m["steps"] * m["batch_size"] * m["seq_len"]

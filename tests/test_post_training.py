@@ -98,7 +98,9 @@ def test_sft_train_mtp_fits_the_mtp_module_alone(base, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "mtp" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["mtp"] < lines[0]["mtp"]
     ledger = json.loads((tmp_path / "mtp" / "cost.json").read_text())
-    assert ledger["flops"] == pytest.approx(cfg.mtp_training_flops_per_token(64) * 3 * 4 * 64)
+    # the MTP head's FLOPs are counted only at the positions with a target (the prompts' are skipped)
+    counted, head = cfg.mtp_training_flops_per_token(64) * 3 * 4 * 64, 6 * cfg.vocab_size * cfg.hidden_size * 3 * 4 * 64
+    assert counted - head < ledger["flops"] < counted
     assert cfg.mtp_training_flops_per_token(64) < cfg.flops_per_token(64)
 
 

@@ -422,6 +422,10 @@ def run(args) -> dict:
         flops_per_token = cfg.indexer_training_flops_per_token(args.seq_len, args.mtp_weight > 0)
     else:
         flops_per_token = cfg.flops_per_token(args.seq_len, include_mtp=args.mtp_weight > 0)
+    # the output head's training FLOPs per position, counted only where there is a target (the loss skips the rest)
+    heads = {"all": 1 + (cfg.num_nextn_predict_layers if args.mtp_weight > 0 else 0),
+             "mtp": cfg.num_nextn_predict_layers, "indexer": 0}[args.train]
+    head_flops = 6 * cfg.vocab_size * cfg.hidden_size * heads
     first = {}  # on the first line of a fresh run: the untrained model's and a unigram model's bits per byte
     if start == 0:
         first = {f"initial_{k}": v for k, v in evaluate(objective, val_x, val_y, nbytes, device, autocast).items()}
@@ -449,13 +453,15 @@ def run(args) -> dict:
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
         tokens = args.batch_size * args.seq_len
+        unlearned = sum(int((y == IGNORE_INDEX).sum()) for _, y in batches) / sum(y.numel() for _, y in batches)
+        step_flops = (flops_per_token - head_flops * unlearned) * tokens
         ledger.wall_seconds += dt
         ledger.tokens += tokens
-        ledger.flops += flops_per_token * tokens
+        ledger.flops += step_flops
         vio = max_violation(load) if routers else torch.zeros(1)
         line = {"step": step + 1, "loss": loss, "ce": ce, "mtp": mtp, "balance": balance,
                 "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm, "tokens_per_s": tokens / dt,
-                "mfu": flops_per_token * tokens / dt / (peak * 1e12 * place.world), "maxvio": float(vio.mean()),
+                "mfu": step_flops / dt / (peak * 1e12 * place.world), "maxvio": float(vio.mean()),
                 "maxvio_max": float(vio.max()), "seconds": dt, **first}
         if cfg.has_indexer:
             line["index"] = index
