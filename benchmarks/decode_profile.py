@@ -12,7 +12,7 @@ import argparse
 from collections import defaultdict
 
 import torch
-from grammar_mask import best_of, cpu_model, model_or_preset
+from harness import best_of, cpu_model, model_or_preset
 from torch.profiler import ProfilerActivity, profile
 
 import leanseek

@@ -17,7 +17,7 @@ import statistics
 import time
 
 import torch
-from grammar_mask import cpu_model
+from harness import cpu_model
 
 import leanseek
 from leanseek.infer.cache import LatentCache

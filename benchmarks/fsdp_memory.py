@@ -12,13 +12,13 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 from types import SimpleNamespace
 
 import torch
+from harness import cpu_model
 
 
 def measure(args, rank: int, world: int) -> dict:
@@ -84,7 +84,7 @@ def main() -> None:
     whole = measure(args, 0, 1)
     print(f"{args.preset} with {args.layers} layers: {whole['parameter_count'] / 1e6:.0f}M parameters (MTP "
           f"included), float32, fused AdamW; torch {torch.__version__}, {args.threads} thread(s) per process, "
-          f"{platform.processor() or platform.machine()} {_cpu_model()}")
+          f"{cpu_model()}")
     kinds = ["parameters", "gradients", "optimizer", "total"]
     print(f"{'':<22}" + "".join(f"{k:>14}" for k in kinds) + f"{'ratio':>8}")
     print(f"{'1 process (unsharded)':<22}" + "".join(f"{whole[k] / 2**20:>10.1f} MiB" for k in kinds)
@@ -94,14 +94,6 @@ def main() -> None:
               + f"{got['total'] / whole['total']:>8.3f}")
     worst = max(got["total"] for got in ranks) / whole["total"]
     print(f"per rank / unsharded: {worst:.3f} (target <= 0.6)")
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        return ""
 
 
 if __name__ == "__main__":

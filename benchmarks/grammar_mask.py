@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from harness import best_of, cpu_model
 
 SCHEMA = {
     "type": "object",
@@ -62,47 +63,6 @@ def corpus(chars: int = 12_000_000) -> list[str]:
         if n > chars:
             break
     return texts
-
-
-def model_or_preset(model: str | None, preset: str):
-    """The model of a run folder or checkpoint, else a random model of the preset (through a Hugging Face folder,
-    as a trained one would be loaded)."""
-    import tempfile
-
-    import leanseek
-    from leanseek.train.checkpoint import checkpoint_of
-
-    if model:
-        return leanseek.load_hf(checkpoint_of(Path(model)))
-    with tempfile.TemporaryDirectory() as tmp:
-        leanseek.save_hf(leanseek.Transformer(leanseek.ModelConfig.preset(preset)), tmp)
-        return leanseek.load_hf(tmp)
-
-
-def cpu_model() -> str:
-    """The CPU's model name and the vector instructions PyTorch's kernels (and inductor's code) use on it: the
-    same model name can be AVX-512 on one machine and AVX2-only on another (or AVX2 by ATEN_CPU_CAPABILITY)."""
-    name = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    if name is None:
-        import platform
-        name = platform.processor() or "unknown CPU"
-    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
-
-
-def best_of(fn, repeats: int = 5) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 class Llguidance:

@@ -19,7 +19,7 @@ import random
 import time
 
 import torch
-from grammar_mask import cpu_model
+from harness import cpu_model
 
 
 def main() -> None:

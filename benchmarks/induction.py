@@ -21,7 +21,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from grammar_mask import cpu_model
+from harness import cpu_model
 from torch import nn
 
 from leanseek.model import ModelConfig, Transformer

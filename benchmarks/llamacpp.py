@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from grammar_mask import best_of, cpu_model
+from harness import best_of, cpu_model
 
 import leanseek
 from leanseek.data import TextTokenizer, load_split

@@ -15,7 +15,7 @@ import statistics
 import time
 
 import torch
-from grammar_mask import cpu_model, model_or_preset
+from harness import cpu_model, model_or_preset
 
 import leanseek
 

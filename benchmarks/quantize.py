@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from grammar_mask import best_of, cpu_model
+from harness import best_of, cpu_model
 
 import leanseek
 from leanseek.data.shards import load_split

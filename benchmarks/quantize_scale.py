@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from grammar_mask import best_of, cpu_model
+from harness import best_of, cpu_model
 from safetensors.torch import save_file
 
 import leanseek

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from grammar_mask import cpu_model
+from harness import cpu_model
 
 PROMPTS = [
     "def read_config(path):\n    \"\"\"",

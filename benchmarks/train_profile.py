@@ -15,7 +15,7 @@ from collections import defaultdict
 from types import SimpleNamespace
 
 import torch
-from grammar_mask import cpu_model
+from harness import cpu_model
 from torch.profiler import ProfilerActivity, profile
 
 import leanseek

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from grammar_mask import cpu_model
+from harness import cpu_model
 
 from leanseek.model.config import ModelConfig
 from leanseek.model.transformer import Transformer

@@ -16,6 +16,17 @@ import os
 
 import torch
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo's; else what the platform module knows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+
+        return platform.processor() or platform.machine() or "unknown CPU"
+
+
 # dollars per device-hour when the user gives no --price: DeepSeek's own figure for an H800 (V3 report, Table 1),
 # and roughly what a few cloud CPU cores cost
 GPU_PRICE, CPU_PRICE = 2.0, 0.05

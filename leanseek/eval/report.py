@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import write_atomic, write_text_atomic
+from ..device import cpu_name
 from ..model.config import ModelConfig, human
 from ..tasks import parse_mix
 from ..train.checkpoint import checkpoint_of
@@ -71,12 +72,7 @@ def environment(timings: dict) -> list[list[str]]:
     """Where and with what the run ran, and the leanseek commit(s) its stages ran at."""
     commit = git_commit()
     ran = sorted({t["commit"] for t in timings.values() if t.get("commit")})
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
+    cpu = cpu_name()
     from .. import __version__
 
     rows = [["date", datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")],
