@@ -80,8 +80,8 @@ def test_sft_resumes_exactly_and_rl_too(base, tmp_path):
 
 def test_sft_train_mtp_fits_the_mtp_module_alone(base, tmp_path):
     """--train mtp: the MTP module (its own weights and its router's bias) learns on its loss; every other weight,
-    the shared embedding and head, and the main routers' biases stay exactly as they were; the cost ledger counts
-    the main model forward only."""
+    the shared embedding and head, and the main routers' biases stay exactly as they were; the main loss is left
+    out and the cost ledger counts the main model's forward up to its head."""
     from safetensors.torch import load_file
 
     from leanseek.model.config import ModelConfig
@@ -97,6 +97,7 @@ def test_sft_train_mtp_fits_the_mtp_module_alone(base, tmp_path):
     assert any(k.endswith("e_score_correction_bias") for k in changed)
     lines = [json.loads(x) for x in (tmp_path / "mtp" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["mtp"] < lines[0]["mtp"]
+    assert not any("ce" in line for line in lines)  # the frozen main model's own loss is not computed
     ledger = json.loads((tmp_path / "mtp" / "cost.json").read_text())
     # the MTP head's FLOPs are counted only at the positions with a target (the prompts' are skipped)
     counted, head = cfg.mtp_training_flops_per_token(64) * 3 * 4 * 64, 6 * cfg.vocab_size * cfg.hidden_size * 3 * 4 * 64

@@ -113,3 +113,7 @@ def test_training_loss_terms():
     terms.loss.backward()
     assert model.mtp[0].eh_proj.weight.grad.abs().sum() > 0
     assert model.layers[1].mlp.gate.weight.grad.abs().sum() > 0  # the gating weights are differentiable
+    # without the main loss (--train mtp): the same MTP and balance terms, the total less the main CE
+    alone = training_loss(model, x, y, mtp_weight=0.3, balance_weight=0.01, main=False)
+    assert torch.isnan(alone.ce) and alone.mtp.item() == pytest.approx(terms.mtp.item(), abs=1e-6)
+    assert alone.loss.item() == pytest.approx((terms.loss - terms.ce).item(), abs=1e-5)

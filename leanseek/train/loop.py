@@ -134,13 +134,14 @@ class Objective(nn.Module):
     FSDP's all-gather of the embedding, final norm and head as the root of the sharded modules."""
 
     def __init__(self, model: Transformer, mtp_weight: float, balance_weight: float, index_weight: float = 0.0,
-                 dense: bool = False):
+                 dense: bool = False, main: bool = True):
         super().__init__()
         self.model, self.mtp_weight, self.balance_weight = model, mtp_weight, balance_weight
-        self.index_weight, self.dense = index_weight, dense
+        self.index_weight, self.dense, self.main = index_weight, dense, main
 
     def forward(self, x: torch.Tensor, y: torch.Tensor):
-        t = training_loss(self.model, x, y, self.mtp_weight, self.balance_weight, self.index_weight, self.dense)
+        t = training_loss(self.model, x, y, self.mtp_weight, self.balance_weight, self.index_weight, self.dense,
+                          self.main)
         return t.loss, t.ce, t.mtp, t.balance, t.index, t.load
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -465,6 +466,8 @@ def run(args) -> dict:
                 "maxvio_max": float(vio.max()), "seconds": dt, **first}
         if cfg.has_indexer:
             line["index"] = index
+        if args.train == "mtp":  # the main loss is not computed (training_loss)
+            del line["ce"]
         first = {}
         done = step + 1 == args.steps
         if (step + 1) % args.eval_every == 0 or done:
@@ -502,7 +505,7 @@ def prepare_model(args, tokenizer: TextTokenizer, resume: Path | None, place: Pl
                              f"--indexer-weight is {args.indexer_weight}")
         learn_only(model, *(m for m in model.modules() if isinstance(m, Indexer)))
     objective = Objective(model, args.mtp_weight, args.balance_weight, args.indexer_weight,
-                          dense=args.train == "indexer")
+                          dense=args.train == "indexer", main=args.train != "mtp")
     if place.sharded:  # before the optimizer exists: sharding replaces the parameters
         shard(objective, place, bf16=uses_bf16(args, place.device))
     if model.embed_tokens.weight.is_meta:  # a sharded checkpoint's: allocate this rank's shards, then read them
@@ -552,8 +555,9 @@ class Log:
             for key, value in line.items():
                 if key != "step":
                     self.writer.add_scalar(key, value, line["step"])
-        self.bar.set_postfix(loss=f"{line['ce']:.3f}", tok_s=f"{line['tokens_per_s']:,.0f}",
-                             maxvio=f"{line['maxvio']:.2f}")
+        loss = {"loss": line["ce"]} if "ce" in line else {"mtp_loss": line["mtp"]}  # --train mtp: no main loss
+        self.bar.set_postfix({**{k: f"{v:.3f}" for k, v in loss.items()}, "tok_s": f"{line['tokens_per_s']:,.0f}",
+                              "maxvio": f"{line['maxvio']:.2f}"})
 
     def close(self) -> None:
         self.bar.close()

@@ -105,18 +105,20 @@ class LossTerms:
 
 
 def training_loss(model: Transformer, input_ids: torch.Tensor, targets: torch.Tensor, mtp_weight: float = 0.3,
-                  balance_weight: float = 1e-4, index_weight: float = 0.0, dense: bool = False) -> LossTerms:
+                  balance_weight: float = 1e-4, index_weight: float = 0.0, dense: bool = False,
+                  main: bool = True) -> LossTerms:
     """L = L_main + mtp_weight * (1/D) sum_k L^k_MTP (Eqs. 24-25) + balance_weight * sum_layers L_Bal (Eq. 17)
     + index_weight * the mean of the indexers' KL losses (sparse attention; MLA.index_kl).
 
     input_ids, targets: [B, T], targets[:, i] being the token after input_ids[:, i] (-100 to ignore).
     MTP depth k predicts targets[:, i + k] from position i. dense: sparse-attention layers attend densely (the
-    indexer's warm-up, against the dense attention)."""
+    indexer's warm-up, against the dense attention). main=False leaves L_main out (ce is NaN): with only the MTP
+    modules learning (`--train mtp`) nothing it depends on learns, and it cost a tenth of such a step."""
     index_losses = [] if index_weight > 0 and model.cfg.has_indexer else None
     out = model.forward_train(input_ids, mtp=mtp_weight > 0, index_losses=index_losses, dense=dense)
     head = model.lm_head.weight
-    ce = linear_cross_entropy(out.hidden, head, targets)
-    zero = ce.new_zeros(())
+    zero = out.hidden.new_zeros((), dtype=torch.float32)
+    ce = linear_cross_entropy(out.hidden, head, targets) if main else zero
     mtp = (sum(linear_cross_entropy(h, head, targets[:, k:]) for k, h in enumerate(out.mtp_hidden, start=1))
            / len(out.mtp_hidden)) if out.mtp_hidden else zero
     cfg, B = model.cfg, input_ids.shape[0]
@@ -125,5 +127,6 @@ def training_loss(model: Transformer, input_ids: torch.Tensor, targets: torch.Te
     load = (expert_load(out.routing, cfg.n_routed_experts) if out.routing
             else torch.zeros(0, cfg.n_routed_experts))
     index = sum(index_losses) / len(index_losses) if index_losses else zero
-    return LossTerms(ce + mtp_weight * mtp + balance_weight * balance + index_weight * index, ce.detach(),
+    return LossTerms(ce + mtp_weight * mtp + balance_weight * balance + index_weight * index,
+                     ce.detach() if main else torch.full_like(zero, float("nan")),
                      mtp.detach(), balance.detach(), index.detach(), load)
