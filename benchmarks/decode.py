@@ -15,6 +15,7 @@ import tempfile
 import time
 
 import torch
+from harness import cpu_model
 
 from leanseek.device import add_device_argument, pick_device
 
@@ -60,7 +61,7 @@ def main() -> None:
     if not args.no_compile:
         engines["compiled"] = leanseek.Engine(ours, max_batch=max(batches),
                                               max_len=args.prompt_len + args.new_tokens, compile=True)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} threads"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_model()}, {args.threads} threads"
     print(f"# greedy decode, {cfg.param_counts()}, prompt {args.prompt_len} + {args.new_tokens} new tokens, "
           f"float32, {where}, torch {torch.__version__}, transformers {transformers.__version__}")
     report = engines["eager"].memory_report()

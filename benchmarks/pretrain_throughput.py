@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from harness import cpu_model
 
 
 def leanseek_run(args, out: Path, mtp_weight: float) -> float:
@@ -80,7 +81,7 @@ def main() -> None:
         save_hf(Transformer(ModelConfig.preset(args.preset, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
                                                eos_token_id=tok.eos_id)), tmp / "init")
         theirs = transformers_run(args, tmp / "init")
-    print(f"# {args.preset}, global batch {args.batch} x {args.seq}, {args.threads} threads, median of "
+    print(f"# {args.preset}, global batch {args.batch} x {args.seq}, {cpu_model()}, {args.threads} threads, median of "
           f"{args.steps - args.warmup} steps after {args.warmup}, torch {torch.__version__}")
     print(f"leanseek pretrain (MTP off): {ours:8,.0f} tok/s  |  transformers loop: {theirs:8,.0f} tok/s  |  "
           f"{ours / theirs:.2f}x")

@@ -9,13 +9,13 @@ in float32 and under bf16 autocast.
 
 import argparse
 import contextlib
-import platform
 import statistics
 import tempfile
 import time
 import warnings
 
 import torch
+from harness import cpu_model
 
 
 def main() -> None:
@@ -59,7 +59,7 @@ def main() -> None:
 
     runs = {"leanseek": (ours, leanseek_loss), f"transformers {transformers.__version__}": (theirs, hf_loss)}
     print(f"# one training step, preset {args.preset} ({cfg.param_counts()}), batch {args.batch} x {args.seq}, "
-          f"{args.threads} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}")
+          f"{args.threads} threads, torch {torch.__version__}, {cpu_model()}")
     for mode in args.dtypes.split(","):
         ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if mode == "bf16-autocast" \
             else contextlib.nullcontext

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from harness import cpu_model
 
 
 def trl_seconds(model_path: str, steps: int, threads: int) -> list[float]:
@@ -91,7 +92,7 @@ def main() -> None:
     ours = leanseek_seconds(args.model, args.steps, args.threads)
     theirs = trl_seconds(args.model, args.steps, args.threads)
     a, b = statistics.median(ours[1:]), statistics.median(theirs[1:])
-    print(f"# GRPO step, 16 x 8 samples of <= 64 tokens, {args.model}, {args.threads} threads, torch "
+    print(f"# GRPO step, 16 x 8 samples of <= 64 tokens, {args.model}, {cpu_model()}, {args.threads} threads, torch "
           f"{torch.__version__}, trl {trl.__version__}")
     print(f"leanseek rl          {a:6.2f} s/step   (steps: {', '.join(f'{x:.1f}' for x in ours)})")
     print(f"trl GRPOTrainer      {b:6.2f} s/step   (steps: {', '.join(f'{x:.1f}' for x in theirs)})")
