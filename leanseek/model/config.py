@@ -565,7 +565,8 @@ class ModelConfig:
         """Training FLOPs per token of the MTP modules alone (`--train mtp`): the main model forward up to its final
         norm (its output head's loss is left out: training_loss), the modules forward and backward."""
         main = self.flops_per_token(seq_len, include_mtp=False)
-        return (main - 6 * self.vocab_size * self.hidden_size) / 3 + self.flops_per_token(seq_len) - main
+        head = 0 if self.tie_word_embeddings else 6 * self.vocab_size * self.hidden_size  # as param_counts counts it
+        return (main - head) / 3 + self.flops_per_token(seq_len) - main
 
     def indexer_training_flops_per_token(self, seq_len: int, include_mtp: bool = True) -> float:
         """Training FLOPs per token of the sparse-attention indexers alone (`--train indexer`): the model forward
