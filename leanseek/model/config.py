@@ -565,8 +565,12 @@ class ModelConfig:
         """Training FLOPs per token of the MTP modules alone (`--train mtp`): the main model forward up to its final
         norm (its output head's loss is left out: training_loss), the modules forward and backward."""
         main = self.flops_per_token(seq_len, include_mtp=False)
-        head = 0 if self.tie_word_embeddings else 6 * self.vocab_size * self.hidden_size  # as param_counts counts it
-        return (main - head) / 3 + self.flops_per_token(seq_len) - main
+        return (main - self.head_flops_per_token()) / 3 + self.flops_per_token(seq_len) - main
+
+    def head_flops_per_token(self) -> int:
+        """Training FLOPs of one pass through the output head per position, as flops_per_token counts them (none
+        for a tied head, whose weight param_counts counts as the embedding's)."""
+        return 0 if self.tie_word_embeddings else 6 * self.vocab_size * self.hidden_size
 
     def indexer_training_flops_per_token(self, seq_len: int, include_mtp: bool = True) -> float:
         """Training FLOPs per token of the sparse-attention indexers alone (`--train indexer`): the model forward

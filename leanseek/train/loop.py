@@ -426,7 +426,7 @@ def run(args) -> dict:
     # the output head's training FLOPs per position, counted only where there is a target (the loss skips the rest)
     heads = {"all": 1 + (cfg.num_nextn_predict_layers if args.mtp_weight > 0 else 0),
              "mtp": cfg.num_nextn_predict_layers, "indexer": 0}[args.train]
-    head_flops = 6 * cfg.vocab_size * cfg.hidden_size * heads
+    head_flops = cfg.head_flops_per_token() * heads
     first = {}  # on the first line of a fresh run: the untrained model's and a unigram model's bits per byte
     if start == 0:
         first = {f"initial_{k}": v for k, v in evaluate(objective, val_x, val_y, nbytes, device, autocast).items()}
@@ -466,7 +466,7 @@ def run(args) -> dict:
                 "maxvio_max": float(vio.max()), "seconds": dt, **first}
         if cfg.has_indexer:
             line["index"] = index
-        if args.train == "mtp":  # the main loss is not computed (training_loss)
+        if not objective.main:  # --train mtp: the main loss is not computed (training_loss)
             del line["ce"]
         first = {}
         done = step + 1 == args.steps
